@@ -1,0 +1,9 @@
+"""cyusbip: USB/IP for Python (Linux kernel wire protocol 0x0111)."""
+
+from __future__ import annotations
+
+from .protocol import IMPLEMENTATION
+from ._version import __version__
+from .protocol.errors import ProtocolError
+
+__all__ = ["IMPLEMENTATION", "ProtocolError", "__version__"]

@@ -1,0 +1,110 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""Compiled URB buffer pool: reusable buffers with the buffer protocol.
+
+A :class:`PoolBuffer` exposes ``len(buf)`` writable bytes to ``recv_into``,
+``writelines``/``sendmsg`` and libusb transfers without copies. ``pool.release(buf)``
+returns it; the memory goes back to the pool only once no view of it is alive,
+so a payload still referenced by a pending send is never overwritten.
+"""
+
+from cpython.buffer cimport PyBuffer_FillInfo
+from libc.stdlib cimport free, malloc
+from libc.string cimport memset
+
+IMPLEMENTATION = "cython"
+
+DEF MIN_CLASS = 512
+
+
+cdef class PoolBuffer:
+    cdef char *data
+    cdef Py_ssize_t size
+    cdef readonly Py_ssize_t capacity
+    cdef int exports
+    cdef bint released
+    cdef BufferPool pool
+
+    def __cinit__(self, Py_ssize_t capacity):
+        self.data = <char *>malloc(capacity if capacity > 0 else 1)
+        if self.data == NULL:
+            raise MemoryError()
+        self.capacity = capacity
+        self.size = capacity
+
+    def __dealloc__(self):
+        free(self.data)
+
+    def __getbuffer__(self, Py_buffer *view, int flags):
+        PyBuffer_FillInfo(view, self, self.data, self.size, 0, flags)
+        self.exports += 1
+
+    def __releasebuffer__(self, Py_buffer *view):
+        self.exports -= 1
+        if self.exports == 0 and self.released and self.pool is not None:
+            self.pool._recycle(self)
+
+    def __len__(self):
+        return self.size
+
+    @property
+    def in_use(self):
+        return not self.released
+
+    def clear(self):
+        memset(self.data, 0, self.size)
+
+
+cdef class BufferPool:
+    """Buffers in power-of-two size classes; at most ``max_free`` kept per class."""
+    cdef dict _free
+    cdef readonly Py_ssize_t max_pooled
+    cdef readonly int max_free
+    cdef readonly Py_ssize_t outstanding
+
+    def __init__(self, Py_ssize_t max_pooled=4 * 1024 * 1024, int max_free=64):
+        self._free = {}
+        self.max_pooled = max_pooled
+        self.max_free = max_free
+        self.outstanding = 0
+
+    cpdef PoolBuffer acquire(self, Py_ssize_t size):
+        """A buffer of exactly ``size`` bytes (contents undefined)."""
+        cdef Py_ssize_t cap = MIN_CLASS
+        cdef PoolBuffer buf
+        cdef list free_list
+        if size < 0:
+            raise ValueError("negative buffer size")
+        while cap < size:
+            cap <<= 1
+        free_list = self._free.get(cap)
+        if free_list:
+            buf = free_list.pop()
+        else:
+            buf = PoolBuffer(cap)
+        buf.size = size
+        buf.released = False
+        buf.pool = self
+        self.outstanding += 1
+        return buf
+
+    cpdef release(self, PoolBuffer buf):
+        """Give ``buf`` back; reused once the last view of it is released."""
+        if buf.released or buf.pool is not self:
+            return
+        buf.released = True
+        self.outstanding -= 1
+        if buf.exports == 0:
+            self._recycle(buf)
+
+    cdef _recycle(self, PoolBuffer buf):
+        cdef list free_list
+        buf.pool = None
+        if buf.capacity > self.max_pooled:
+            return
+        free_list = self._free.setdefault(buf.capacity, [])
+        if len(free_list) < self.max_free:
+            free_list.append(buf)
+
+    @property
+    def cached(self):
+        return sum(len(v) for v in self._free.values())

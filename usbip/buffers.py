@@ -1,0 +1,70 @@
+"""Pure-Python twin of the URB buffer pool (``usbip._buffers``); same API.
+
+Buffers are bytearrays; a released buffer is reused only when no view of it is
+alive (a bytearray with exports refuses to resize, which is the test used here).
+"""
+
+from __future__ import annotations
+
+IMPLEMENTATION = "python"
+_MIN_CLASS = 512
+
+
+class PoolBuffer(bytearray):
+    """A bytearray of the requested size that remembers its pool state."""
+
+    __slots__ = ("capacity", "released")
+
+    @property
+    def in_use(self) -> bool:
+        return not self.released
+
+    def clear(self) -> None:  # type: ignore[override]
+        self[:] = bytes(len(self))
+
+
+class BufferPool:
+    def __init__(self, max_pooled: int = 4 * 1024 * 1024, max_free: int = 64) -> None:
+        self._free: dict[int, list[PoolBuffer]] = {}
+        self.max_pooled = max_pooled
+        self.max_free = max_free
+        self.outstanding = 0
+
+    def acquire(self, size: int) -> PoolBuffer:
+        if size < 0:
+            raise ValueError("negative buffer size")
+        cap = _MIN_CLASS
+        while cap < size:
+            cap <<= 1
+        free_list = self._free.get(cap)
+        if free_list:
+            buf = free_list.pop()
+            del buf[size:]
+            if len(buf) < size:
+                buf.extend(bytes(size - len(buf)))
+        else:
+            buf = PoolBuffer(size)
+            buf.capacity = cap
+        buf.released = False
+        self.outstanding += 1
+        return buf
+
+    def release(self, buf: PoolBuffer) -> None:
+        if getattr(buf, "released", True):
+            return
+        buf.released = True
+        self.outstanding -= 1
+        if buf.capacity > self.max_pooled:
+            return
+        try:  # resizing fails while any view of the buffer is alive
+            buf.append(0)
+            buf.pop()
+        except BufferError:
+            return
+        free_list = self._free.setdefault(buf.capacity, [])
+        if len(free_list) < self.max_free:
+            free_list.append(buf)
+
+    @property
+    def cached(self) -> int:
+        return sum(len(v) for v in self._free.values())
