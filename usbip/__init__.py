@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .protocol import IMPLEMENTATION
 from ._version import __version__
+from .protocol import IMPLEMENTATION
 from .protocol.errors import ProtocolError
 
 __all__ = ["IMPLEMENTATION", "ProtocolError", "__version__"]

@@ -7,11 +7,10 @@ from the compiled ``_codec`` extension unless it is missing or
 
 from __future__ import annotations
 
+from .._env import FORCED_PURE, warn_fallback
 from .constants import *  # noqa: F403
 from .errors import ProtocolError
 from .records import DeviceRecord, InterfaceRecord, OpHeader
-
-from .._env import FORCED_PURE, warn_fallback
 
 if FORCED_PURE:
     from . import codec

@@ -45,18 +45,18 @@ def _s32(v: int) -> int:
 
 class CmdSubmit:
     __slots__ = (
-        "seqnum",
+        "data",
         "devid",
         "direction",
         "ep",
-        "transfer_flags",
-        "transfer_buffer_length",
-        "start_frame",
-        "number_of_packets",
         "interval",
-        "setup",
-        "data",
         "iso",
+        "number_of_packets",
+        "seqnum",
+        "setup",
+        "start_frame",
+        "transfer_buffer_length",
+        "transfer_flags",
     )
     command = USBIP_CMD_SUBMIT
 
@@ -111,17 +111,17 @@ class CmdSubmit:
 
 class RetSubmit:
     __slots__ = (
-        "seqnum",
+        "actual_length",
+        "data",
         "devid",
         "direction",
         "ep",
-        "status",
-        "actual_length",
-        "start_frame",
-        "number_of_packets",
         "error_count",
-        "data",
         "iso",
+        "number_of_packets",
+        "seqnum",
+        "start_frame",
+        "status",
     )
     command = USBIP_RET_SUBMIT
 
@@ -172,7 +172,7 @@ class RetSubmit:
 
 
 class CmdUnlink:
-    __slots__ = ("seqnum", "devid", "direction", "ep", "unlink_seqnum")
+    __slots__ = ("devid", "direction", "ep", "seqnum", "unlink_seqnum")
     command = USBIP_CMD_UNLINK
 
     def __init__(self, seqnum: int, devid: int, direction: int, ep: int, unlink_seqnum: int) -> None:
@@ -190,7 +190,7 @@ class CmdUnlink:
 
 
 class RetUnlink:
-    __slots__ = ("seqnum", "devid", "direction", "ep", "status")
+    __slots__ = ("devid", "direction", "ep", "seqnum", "status")
     command = USBIP_RET_UNLINK
 
     def __init__(self, seqnum: int, status: int, devid: int = 0, direction: int = 0, ep: int = 0) -> None:
@@ -635,6 +635,7 @@ class Decoder:
 
 __all__ = [
     "IMPLEMENTATION",
+    "USBIP_DIR_IN",
     "CmdSubmit",
     "CmdUnlink",
     "Decoder",
@@ -646,5 +647,4 @@ __all__ = [
     "pack_ret_submit",
     "pack_ret_unlink",
     "unpack_header",
-    "USBIP_DIR_IN",
 ]

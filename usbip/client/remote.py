@@ -1,0 +1,356 @@
+"""An imported device driven from user space: URBs over the USB/IP connection, no kernel driver."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import struct
+from collections.abc import Generator, Sequence
+from typing import Any
+
+from ..descriptors import DT_CONFIG, DT_DEVICE, endpoints, parse_device_descriptor
+from ..protocol import (
+    HEADER_SIZE,
+    USBIP_DIR_IN,
+    USBIP_DIR_OUT,
+    Decoder,
+    DeviceRecord,
+    IsoPackets,
+    pack_cmd_submit,
+    pack_cmd_unlink,
+)
+from ..protocol.constants import DEFAULT_MAX_TRANSFER, ECONNRESET, URB_ISO_ASAP, USBIP_RET_UNLINK
+from ..stream import Stream
+from .errors import Disconnected, transfer_error
+
+log = logging.getLogger(__name__)
+
+UNLINK_TIMEOUT = 5.0  # how long a cancelled URB waits for the server's RET_UNLINK / RET_SUBMIT
+
+
+class UrbResult:
+    """What an URB came back with."""
+
+    __slots__ = ("actual_length", "data", "error_count", "iso", "start_frame", "status")
+
+    def __init__(
+        self,
+        status: int,
+        actual_length: int,
+        data: memoryview | bytes | bytearray | None,
+        iso: IsoPackets | None = None,
+        start_frame: int = 0,
+        error_count: int = 0,
+    ) -> None:
+        self.status = status
+        self.actual_length = actual_length
+        self.data = data
+        self.iso = iso
+        self.start_frame = start_frame
+        self.error_count = error_count
+
+    def packets(self) -> list[tuple[int, int, bytes]]:
+        """Iso IN results as (status, actual_length, data) per packet."""
+        assert self.iso is not None and self.data is not None
+        mv = memoryview(self.data)
+        return [(st, act, bytes(mv[off : off + act])) for off, _ln, act, st in self.iso.tolist()]
+
+    def __repr__(self) -> str:
+        return f"<UrbResult status={self.status} actual_length={self.actual_length}>"
+
+
+class PendingUrb:
+    """An URB in flight: await it for its :class:`UrbResult` (cancelling it sends CMD_UNLINK)."""
+
+    __slots__ = ("device", "direction", "future", "in_buffer", "iso", "length", "seqnum", "unlinked")
+
+    def __init__(self, device: RemoteDevice, seqnum: int, direction: int, length: int, iso: IsoPackets | None):
+        self.device = device
+        self.seqnum = seqnum
+        self.direction = direction
+        self.length = length
+        self.iso = iso
+        self.unlinked = False
+        self.future: asyncio.Future[UrbResult] = device.loop.create_future()
+        self.in_buffer: bytearray | None = None
+
+    def __await__(self) -> Generator[Any, None, UrbResult]:
+        return self.wait().__await__()
+
+    async def wait(self, timeout: float | None = None) -> UrbResult:
+        try:
+            return await asyncio.wait_for(asyncio.shield(self.future), timeout)
+        except (asyncio.CancelledError, asyncio.TimeoutError):
+            if not self.future.done():
+                await self.device._unlink(self)
+            raise
+
+    def cancel(self) -> None:
+        """Send CMD_UNLINK now (the URB still completes, normally with -ECONNRESET)."""
+        if not self.future.done() and not self.unlinked:
+            self.device._send_unlink(self)
+
+
+class RemoteDevice:
+    """A device imported over USB/IP. Create it with ``Connection.import_device``."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        record: DeviceRecord,
+        max_transfer: int = DEFAULT_MAX_TRANSFER,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self.loop = loop or asyncio.get_running_loop()
+        self.record = record
+        self.busid = record.busid
+        self.devid = record.devid
+        self.speed = record.speed
+        self._seq = 0
+        self._pending: dict[int, PendingUrb] = {}
+        self._unlinks: dict[int, PendingUrb] = {}
+        self._decoder = Decoder("client", max_transfer=max_transfer)
+        self._stream = Stream(sock, self._decoder, self._on_messages, self._on_close, self.loop)
+        self._stream.start()
+        self.closed = False
+        self.close_reason: BaseException | None = None
+        self.device_descriptor: dict[str, int] | None = None
+        self.configuration_descriptor: bytes | None = None
+
+    # ------------------------------------------------------------ context
+    async def __aenter__(self) -> RemoteDevice:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        self._stream.close(None)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    # ------------------------------------------------------------ submitting
+    def _next_seqnum(self) -> int:
+        self._seq = (self._seq % 0xFFFFFFFF) + 1
+        return self._seq
+
+    def submit(
+        self,
+        endpoint: int,
+        data_or_length: bytes | bytearray | memoryview | int,
+        setup: bytes = bytes(8),
+        transfer_flags: int = 0,
+        iso_packets: Sequence[int] | None = None,
+        interval: int = 0,
+        start_frame: int = 0,
+    ) -> PendingUrb:
+        """Queue one URB on ``endpoint`` (an address: bit 7 set for IN) and return it unawaited.
+
+        For IN pass the buffer length, for OUT the data. ``iso_packets`` lists the
+        packet sizes of an isochronous URB (laid out back to back).
+        """
+        if self.closed:
+            raise Disconnected(f"connection to {self.busid} is closed: {self.close_reason}")
+        ep = endpoint & 0x0F
+        direction = USBIP_DIR_IN if endpoint & 0x80 else USBIP_DIR_OUT
+        if ep == 0 and len(setup) == 8:
+            direction = USBIP_DIR_IN if setup[0] & 0x80 else USBIP_DIR_OUT
+        if direction == USBIP_DIR_IN:
+            if not isinstance(data_or_length, int):
+                raise TypeError("an IN transfer takes a length")
+            length = data_or_length
+            payload = None
+        else:
+            if isinstance(data_or_length, int):
+                payload = bytes(data_or_length)
+            else:
+                payload = data_or_length
+            length = memoryview(payload).nbytes
+        iso = None
+        np = 0
+        if iso_packets is not None:
+            offsets = []
+            pos = 0
+            for size in iso_packets:
+                offsets.append((pos, size, 0, 0))
+                pos += size
+            if pos != length:
+                raise ValueError(f"iso packets add up to {pos}, transfer is {length} bytes")
+            iso = IsoPackets.from_list(offsets)
+            np = len(iso)
+            transfer_flags |= URB_ISO_ASAP
+        seqnum = self._next_seqnum()
+        urb = PendingUrb(self, seqnum, direction, length, iso)
+        hdr = bytearray(HEADER_SIZE)
+        pack_cmd_submit(
+            hdr, 0, seqnum, self.devid, direction, ep, transfer_flags, length, start_frame, np, interval, setup
+        )
+        parts: list[Any] = [hdr]
+        nbytes = HEADER_SIZE
+        if payload is not None and length:
+            parts.append(payload)
+            nbytes += length
+        if iso is not None:
+            parts.append(iso.to_bytes())
+            nbytes += np * 16
+        self._pending[seqnum] = urb
+        self._decoder.expect(seqnum, length if direction == USBIP_DIR_IN else -1)
+        self._stream.write(parts, nbytes)
+        return urb
+
+    async def _transfer(self, urb: PendingUrb, timeout: float | None) -> UrbResult:
+        res = await urb.wait(timeout)
+        if res.status != 0:
+            raise transfer_error(res.status, res.actual_length, res.data)
+        return res
+
+    async def control_transfer(
+        self,
+        bmRequestType: int,
+        bRequest: int,
+        wValue: int,
+        wIndex: int,
+        data_or_length: bytes | int = 0,
+        timeout: float | None = 5.0,
+    ) -> bytes:
+        """A control transfer on ep 0; returns the data read (IN) or b"" (OUT)."""
+        is_in = bool(bmRequestType & 0x80)
+        if is_in:
+            assert isinstance(data_or_length, int)
+            length = data_or_length
+        else:
+            length = len(data_or_length) if not isinstance(data_or_length, int) else 0
+        setup = struct.pack("<BBHHH", bmRequestType, bRequest, wValue, wIndex, length)
+        urb = self.submit(0x80 if is_in else 0x00, length if is_in else (data_or_length or b""), setup)
+        res = await self._transfer(urb, timeout)
+        return bytes(res.data) if is_in and res.data is not None else b""
+
+    async def bulk_transfer(
+        self, endpoint: int, data_or_length: bytes | bytearray | memoryview | int, timeout: float | None = 5.0,
+        transfer_flags: int = 0,
+    ) -> bytes | int:
+        """Bulk IN returns the bytes read; bulk OUT returns the number of bytes written."""
+        urb = self.submit(endpoint, data_or_length, transfer_flags=transfer_flags)
+        res = await self._transfer(urb, timeout)
+        if endpoint & 0x80:
+            return bytes(res.data) if res.data is not None else b""
+        return res.actual_length
+
+    interrupt_transfer = bulk_transfer
+
+    async def iso_transfer(
+        self,
+        endpoint: int,
+        packets: Sequence[int] | Sequence[bytes],
+        timeout: float | None = 5.0,
+        interval: int = 1,
+    ) -> UrbResult:
+        """An isochronous URB: for IN ``packets`` are sizes, for OUT the packets' bytes.
+
+        Returns the result; per-packet statuses are in ``result.iso`` / ``result.packets()``.
+        """
+        if endpoint & 0x80:
+            sizes = [int(p) for p in packets]  # type: ignore[arg-type]
+            urb = self.submit(endpoint, sum(sizes), iso_packets=sizes, interval=interval)
+        else:
+            chunks = [bytes(p) for p in packets]  # type: ignore[arg-type]
+            urb = self.submit(endpoint, b"".join(chunks), iso_packets=[len(c) for c in chunks], interval=interval)
+        return await urb.wait(timeout)
+
+    # ------------------------------------------------------------ descriptors
+    async def get_descriptor(self, dtype: int, index: int = 0, length: int = 255, lang: int = 0) -> bytes:
+        return await self.control_transfer(0x80, 6, (dtype << 8) | index, lang, length)
+
+    async def read_descriptors(self) -> None:
+        """Fetch and parse the device and (first) configuration descriptors."""
+        dd = await self.get_descriptor(DT_DEVICE, 0, 18)
+        self.device_descriptor = parse_device_descriptor(dd)
+        head = await self.get_descriptor(DT_CONFIG, 0, 9)
+        total = struct.unpack_from("<H", head, 2)[0]
+        self.configuration_descriptor = await self.get_descriptor(DT_CONFIG, 0, total)
+
+    async def get_string(self, index: int, lang: int = 0x0409) -> str:
+        raw = await self.get_descriptor(3, index, 255, lang)
+        return raw[2 : raw[0]].decode("utf-16-le", errors="replace")
+
+    def endpoints(self) -> list[dict[str, int]]:
+        return endpoints(self.configuration_descriptor or b"")
+
+    async def set_configuration(self, value: int) -> None:
+        await self.control_transfer(0x00, 9, value, 0)
+
+    async def set_interface(self, interface: int, alt: int) -> None:
+        await self.control_transfer(0x01, 11, alt, interface)
+
+    async def clear_halt(self, endpoint: int) -> None:
+        await self.control_transfer(0x02, 1, 0, endpoint)
+
+    # ------------------------------------------------------------ unlink
+    def _send_unlink(self, urb: PendingUrb) -> None:
+        urb.unlinked = True
+        seqnum = self._next_seqnum()
+        self._unlinks[seqnum] = urb
+        hdr = bytearray(HEADER_SIZE)
+        pack_cmd_unlink(hdr, 0, seqnum, self.devid, urb.direction, 0, urb.seqnum)
+        self._stream.write([hdr], HEADER_SIZE)
+
+    async def _unlink(self, urb: PendingUrb) -> None:
+        if self.closed:
+            return
+        if not urb.unlinked:
+            self._send_unlink(urb)
+        try:
+            await asyncio.wait_for(asyncio.shield(urb.future), UNLINK_TIMEOUT)
+        except (asyncio.TimeoutError, asyncio.CancelledError):
+            log.warning("%s: no answer to the unlink of seqnum %d", self.busid, urb.seqnum)
+        except Exception:  # the URB's own error; the caller reports the cancellation
+            pass
+
+    # ------------------------------------------------------------ replies
+    def _on_messages(self, msgs: list[Any]) -> None:
+        for msg in msgs:
+            if msg.command == USBIP_RET_UNLINK:
+                target = self._unlinks.pop(msg.seqnum, None)
+                if target is None:
+                    log.warning("%s: RET_UNLINK for unknown unlink seqnum %d", self.busid, msg.seqnum)
+                    continue
+                if self._pending.pop(target.seqnum, None) is not None:
+                    # cancelled before it completed: no RET_SUBMIT will follow
+                    self._decoder.forget(target.seqnum)
+                    if not target.future.done():
+                        target.future.set_result(UrbResult(msg.status or ECONNRESET, 0, None, target.iso))
+                continue
+            urb = self._pending.pop(msg.seqnum, None)
+            if urb is None:  # the decoder only passes seqnums we expect
+                continue
+            data = msg.data
+            iso = msg.iso
+            if iso is not None and urb.direction == USBIP_DIR_IN:
+                buf = bytearray(urb.length)
+                al = msg.actual_length
+                if al:
+                    buf[:al] = data
+                iso.spread(buf, al)
+                data = buf
+            res = UrbResult(msg.status, msg.actual_length, data, iso, msg.start_frame, msg.error_count)
+            if not urb.future.done():
+                urb.future.set_result(res)
+
+    def _on_close(self, exc: BaseException | None) -> None:
+        self.closed = True
+        self.close_reason = exc
+        if exc is not None:
+            log.warning("%s: connection ended: %s", self.busid, exc)
+        err = Disconnected(f"connection to {self.busid} ended" + (f": {exc}" if exc else ""))
+        for urb in list(self._pending.values()):
+            if not urb.future.done():
+                urb.future.set_exception(err)
+                urb.future.exception()  # mark retrieved: nobody may be awaiting it
+        self._pending.clear()
+        self._unlinks.clear()
+
+
+__all__ = ["PendingUrb", "RemoteDevice", "UrbResult"]

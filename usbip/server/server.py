@@ -1,0 +1,248 @@
+"""The asyncio USB/IP server: op phase (device list, import), then the URB phase per device."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Iterable
+from typing import Any
+
+from ..device import Device
+from ..netio import PeerClosed, recv_exactly, send_all, set_keepalive, set_nodelay
+from ..pool import BufferPool
+from ..protocol import Decoder, ProtocolError
+from ..protocol.constants import (
+    BUSID_SIZE,
+    DEFAULT_MAX_TRANSFER,
+    OP_HEADER_SIZE,
+    OP_REQ_DEVLIST,
+    OP_REQ_IMPORT,
+    ST_OK,
+    USBIP_PORT,
+    OpStatus,
+)
+from ..protocol.records import pack_devlist_reply, pack_import_reply, unpack_import_busid, unpack_op_header
+from ..stream import Stream
+from .registry import Registry
+from .session import UrbSession
+
+log = logging.getLogger(__name__)
+
+OP_TIMEOUT = 30.0  # seconds a client may take to send its op request
+
+
+class Server:
+    """Exports the devices of a :class:`Registry` over TCP.
+
+    ``async with Server(...) as srv`` listens; ``srv.port`` is the bound port
+    (pass ``port=0`` for an ephemeral one). ``stats()`` counts what is alive.
+    """
+
+    def __init__(
+        self,
+        devices: Iterable[Device] = (),
+        host: str | None = None,
+        port: int = USBIP_PORT,
+        family: int = socket.AF_UNSPEC,
+        max_transfer: int = DEFAULT_MAX_TRANSFER,
+        registry: Registry | None = None,
+    ) -> None:
+        self.registry = registry or Registry()
+        for dev in devices:
+            self.registry.add_virtual(dev) if not getattr(dev, "busid", None) else self.registry.add(dev)
+        self.host = host
+        self.port = port
+        self.family = family
+        self.max_transfer = max_transfer
+        self.pool = BufferPool()
+        self.sockets: list[socket.socket] = []
+        self._accept_tasks: list[asyncio.Task[None]] = []
+        self._conn_tasks: set[asyncio.Task[None]] = set()
+        self.sessions: set[UrbSession] = set()
+        self._closed = asyncio.Event()
+        self.connections_total = 0
+        self.protocol_errors = 0
+
+    # ------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(
+            self.host, self.port, family=self.family, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        seen = set()
+        for fam, stype, proto, _canon, addr in infos:
+            if (fam, addr) in seen:
+                continue
+            seen.add((fam, addr))
+            sock = socket.socket(fam, stype, proto)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if fam == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                if self.sockets and self.port == 0:
+                    addr = (addr[0], self.port, *addr[2:])
+                sock.bind(addr)
+                sock.listen(128)
+                sock.setblocking(False)
+            except OSError:
+                sock.close()
+                if len(infos) == 1:
+                    raise
+                log.warning("cannot listen on %s", addr[0])
+                continue
+            if self.port == 0:
+                self.port = sock.getsockname()[1]
+            self.sockets.append(sock)
+        if not self.sockets:
+            raise OSError(f"could not listen on any address for port {self.port}")
+        for sock in self.sockets:
+            self._accept_tasks.append(asyncio.create_task(self._accept_loop(sock)))
+        log.info("listening on %s", ", ".join(f"{s.getsockname()[0]}:{self.port}" for s in self.sockets))
+
+    async def __aenter__(self) -> Server:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def serve_forever(self) -> None:
+        await self._closed.wait()
+
+    async def close(self) -> None:
+        for t in self._accept_tasks:
+            t.cancel()
+        for sock in self.sockets:
+            sock.close()
+        self.sockets.clear()
+        tasks = list(self._conn_tasks)
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for t in self._accept_tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self._accept_tasks.clear()
+        self._closed.set()
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "connections": len(self._conn_tasks),
+            "sessions": len(self.sessions),
+            "pending_urbs": sum(len(s.pending) for s in self.sessions),
+            "busy_devices": self.registry.busy_count,
+            "pool_outstanding": self.pool.outstanding,
+            "protocol_errors": self.protocol_errors,
+        }
+
+    # ------------------------------------------------------------ connections
+    async def _accept_loop(self, lsock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, addr = await loop.sock_accept(lsock)
+            except OSError as exc:
+                log.error("accept failed: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
+            self.connections_total += 1
+            task = asyncio.create_task(self._handle(conn, addr))
+            self._conn_tasks.add(task)
+            task.add_done_callback(self._conn_tasks.discard)
+
+    async def _handle(self, sock: socket.socket, addr: Any) -> None:
+        peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
+        sock.setblocking(False)
+        try:
+            set_nodelay(sock)
+            set_keepalive(sock)
+            head = unpack_op_header(await recv_exactly(sock, OP_HEADER_SIZE, OP_TIMEOUT))
+            if head.code == OP_REQ_DEVLIST:
+                await send_all(sock, pack_devlist_reply([d.record() for d in self.registry.devices()]))
+                log.debug("%s: sent device list", peer)
+            elif head.code == OP_REQ_IMPORT:
+                busid = unpack_import_busid(await recv_exactly(sock, BUSID_SIZE, OP_TIMEOUT))
+                await self._import(sock, peer, busid)
+                return
+            else:
+                raise ProtocolError(f"unknown op code 0x{head.code:04x}")
+        except ProtocolError as exc:
+            self.protocol_errors += 1
+            log.warning("%s: dropped: %s", peer, exc)
+        except (PeerClosed, ConnectionError, asyncio.TimeoutError, OSError) as exc:
+            log.info("%s: connection ended: %s", peer, exc or type(exc).__name__)
+        finally:
+            sock.close()
+
+    async def _import(self, sock: socket.socket, peer: str, busid: str) -> None:
+        owner = object()
+        status, device = self.registry.claim(busid, owner)
+        if status != ST_OK or device is None:
+            log.info("%s: import of %s refused: %s", peer, busid, OpStatus(status).name)
+            await send_all(sock, pack_import_reply(status))
+            return
+        try:
+            try:
+                record = device.record()
+                await device.open()
+            except Exception as exc:
+                log.error("%s: device %s could not be opened: %s", peer, busid, exc)
+                await send_all(sock, pack_import_reply(int(OpStatus.DEV_ERR)))
+                return
+            try:
+                await send_all(sock, pack_import_reply(ST_OK, record))
+                log.info("%s: imported %s", peer, busid)
+                await self._urb_phase(sock, peer, device)
+            finally:
+                await device.close()
+        finally:
+            self.registry.release(busid, owner)
+            log.info("%s: released %s", peer, busid)
+
+    async def _urb_phase(self, sock: socket.socket, peer: str, device: Device) -> None:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[BaseException | None] = loop.create_future()
+
+        def on_close(exc: BaseException | None) -> None:
+            if not done.done():
+                done.set_result(exc)
+
+        decoder = Decoder("server", max_transfer=self.max_transfer)
+        stream: Stream | None = None
+
+        def on_messages(msgs: list[Any]) -> None:
+            try:
+                session.handle(msgs)
+            except ProtocolError as exc:
+                assert stream is not None
+                stream.close(exc)
+
+        stream = Stream(sock, decoder, on_messages, on_close, loop)
+        session = UrbSession(device, stream.write, self.pool)
+        self.sessions.add(session)
+        stream.start()
+        try:
+            exc = await done
+            if isinstance(exc, ProtocolError):
+                self.protocol_errors += 1
+                log.warning("%s: dropped: %s", peer, exc)
+            elif exc is not None:
+                log.info("%s: connection ended: %s", peer, exc)
+            else:
+                log.info("%s: client closed the connection", peer)
+        finally:
+            stream.close()
+            await session.shutdown()
+            self.sessions.discard(session)
+
+
+async def serve(devices: Iterable[Device], host: str | None = None, port: int = USBIP_PORT) -> None:
+    """Run a server until cancelled."""
+    async with Server(devices, host=host, port=port) as srv:
+        await srv.serve_forever()
+
+
+__all__ = ["Server", "serve"]

@@ -1,0 +1,273 @@
+"""The URB phase of one imported device: CMD_SUBMIT/CMD_UNLINK in, RET_SUBMIT/RET_UNLINK out.
+
+The rules are the kernel stub's (``drivers/usb/usbip/stub_rx.c``, ``stub_tx.c``):
+
+* A header naming another device (devid) or an unknown command ends the
+  connection (``valid_request``, ``stub_rx_pdu``); so does a reused seqnum.
+* Transfer flags are masked to what the endpoint type allows (``masking_bogus_flags``).
+* CMD_UNLINK of a pending URB cancels it; when it completes, a RET_UNLINK with
+  the unlink's seqnum and the URB's status (normally -ECONNRESET) goes out and no
+  RET_SUBMIT. An URB that already completed gets RET_UNLINK status 0 at once.
+* RET_SUBMIT carries only command and seqnum in the basic header; for iso IN only
+  each packet's actual bytes travel, back to back, then the descriptors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from ..device import Device, Urb
+from ..pool import BufferPool
+from ..protocol import (
+    HEADER_SIZE,
+    ISO_DESC_SIZE,
+    USBIP_DIR_IN,
+    ProtocolError,
+    pack_ret_submit,
+    pack_ret_unlink,
+)
+from ..protocol.constants import (
+    ECONNRESET,
+    EINVAL,
+    ENOENT,
+    URB_DIR_IN,
+    URB_FREE_BUFFER,
+    URB_ISO_ASAP,
+    URB_NO_INTERRUPT,
+    URB_NO_TRANSFER_DMA_MAP,
+    URB_SHORT_NOT_OK,
+    URB_ZERO_PACKET,
+    USBIP_CMD_SUBMIT,
+    XFER_BULK,
+    XFER_CONTROL,
+    XFER_ISOC,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_PENDING = 4096  # URBs in flight per connection before the peer is treated as hostile
+MAX_PENDING_BYTES = 512 * 1024 * 1024  # IN buffers allocated for those URBs
+
+_BASE_FLAGS = URB_NO_TRANSFER_DMA_MAP | URB_NO_INTERRUPT | URB_DIR_IN | URB_FREE_BUFFER
+
+
+def allowed_flags(xfer_type: int, is_in: bool) -> int:
+    """The transfer flags the kernel stub keeps for an endpoint (stub_rx.c: masking_bogus_flags)."""
+    allowed = _BASE_FLAGS
+    if xfer_type == XFER_ISOC:
+        return allowed | URB_ISO_ASAP
+    if xfer_type == XFER_BULK and not is_in:
+        allowed |= URB_ZERO_PACKET
+    if is_in:
+        allowed |= URB_SHORT_NOT_OK
+    return allowed
+
+
+class UrbSession:
+    """Runs the URB phase for ``device`` and writes replies through ``send(buffers, nbytes)``."""
+
+    def __init__(
+        self,
+        device: Device,
+        send: Callable[[list[Any], int], None],
+        pool: BufferPool,
+        devid: int | None = None,
+    ) -> None:
+        self.device = device
+        self.devid = device.devid if devid is None else devid
+        self.send = send
+        self.pool = pool
+        self.pending: dict[int, Urb] = {}
+        self.pending_bytes = 0
+        self.closing = False
+        self._idle: asyncio.Event | None = None
+        self._ep_types: dict[tuple[int, int], int | None] = {}
+        self.submitted = 0
+        self.completed = 0
+
+    # ------------------------------------------------------------ input
+    def handle(self, messages: list[Any]) -> None:
+        """Process every message of one read. Raises ProtocolError to end the connection."""
+        for msg in messages:
+            if msg.devid != self.devid:
+                raise ProtocolError(f"header names devid 0x{msg.devid:08x}, imported device is 0x{self.devid:08x}")
+            if msg.command == USBIP_CMD_SUBMIT:
+                self._submit(msg)
+            else:
+                self._unlink(msg)
+
+    def endpoint_type(self, ep: int, direction: int) -> int | None:
+        key = (ep, direction)
+        try:
+            return self._ep_types[key]
+        except KeyError:
+            t = self._ep_types[key] = XFER_CONTROL if ep == 0 else self.device.endpoint_type(ep, direction)
+            return t
+
+    def invalidate_endpoints(self) -> None:
+        """Forget cached endpoint types (after SET_CONFIGURATION / SET_INTERFACE)."""
+        self._ep_types.clear()
+
+    def _submit(self, msg: Any) -> None:
+        seqnum = msg.seqnum
+        if seqnum in self.pending:
+            raise ProtocolError(f"seqnum {seqnum} is already in flight")
+        if len(self.pending) >= MAX_PENDING:
+            raise ProtocolError(f"more than {MAX_PENDING} URBs in flight")
+        direction = msg.direction
+        is_in = direction == USBIP_DIR_IN
+        tbl = msg.transfer_buffer_length
+        ep = msg.ep
+        if is_in:
+            if self.pending_bytes + tbl > MAX_PENDING_BYTES:
+                raise ProtocolError(f"more than {MAX_PENDING_BYTES} bytes of IN buffers in flight")
+            buffer: Any = self.pool.acquire(tbl)
+            self.pending_bytes += tbl
+        else:
+            buffer = msg.data
+        iso = msg.iso
+        urb = Urb(
+            seqnum,
+            ep,
+            direction,
+            tbl,
+            buffer,
+            msg.setup,
+            msg.transfer_flags,
+            msg.start_frame,
+            msg.number_of_packets,
+            msg.interval,
+            iso,
+            self._completed,
+        )
+        self.pending[seqnum] = urb
+        self.submitted += 1
+        xfer = self.endpoint_type(ep, direction) if ep < 16 else None
+        if xfer is None:
+            # usb_submit_urb() answers -ENOENT for an endpoint the device does not have
+            log.debug("seqnum %d: no endpoint %d %s", seqnum, ep, "IN" if is_in else "OUT")
+            urb.complete(ENOENT, 0)
+            return
+        if (xfer == XFER_ISOC) != (iso is not None):
+            log.debug("seqnum %d: iso descriptors do not match endpoint type %d", seqnum, xfer)
+            urb.complete(EINVAL, 0)
+            return
+        urb.transfer_flags &= allowed_flags(xfer, is_in)
+        if ep == 0 and msg.setup[0] == 0x23 and msg.setup[1] == 3 and msg.setup[2] == 4:
+            # SET_FEATURE(PORT_RESET): the stub resets the device itself (stub_rx.c: tweak_reset_device_cmd)
+            self.invalidate_endpoints()
+            try:
+                self.device.reset()
+            except Exception:
+                log.exception("device %s failed to reset", self.device.busid)
+            urb.complete(0, 0)
+            return
+        try:
+            self.device.submit(urb)
+        except Exception:
+            log.exception("device %s failed on %r", self.device.busid, urb)
+            urb.complete(EINVAL, 0)
+
+    def _unlink(self, msg: Any) -> None:
+        urb = self.pending.get(msg.unlink_seqnum)
+        if urb is None or urb.done:
+            # already completed: its RET_SUBMIT is (or was) queued before this reply
+            self._send_ret_unlink(msg.seqnum, 0)
+            return
+        if urb.cancelled:
+            # a second unlink for the same URB: the first one will report it
+            self._send_ret_unlink(msg.seqnum, 0)
+            return
+        urb.cancelled = True
+        urb.context = ("unlink", msg.seqnum, urb.context)
+        try:
+            self.device.cancel(urb)
+        except Exception:
+            log.exception("device %s failed to cancel %r", self.device.busid, urb)
+            urb.complete(ECONNRESET, 0)
+
+    # ------------------------------------------------------------ output
+    def _send_ret_unlink(self, seqnum: int, status: int) -> None:
+        hdr = bytearray(HEADER_SIZE)
+        pack_ret_unlink(hdr, 0, seqnum, status)
+        self.send([hdr], HEADER_SIZE)
+
+    def _completed(self, urb: Urb) -> None:
+        self.pending.pop(urb.seqnum, None)
+        self.completed += 1
+        buffer = urb.buffer
+        is_in = urb.direction == USBIP_DIR_IN
+        if is_in:
+            self.pending_bytes -= urb.transfer_buffer_length
+        try:
+            if self.closing:
+                return
+            ctx = urb.context
+            if urb.cancelled and type(ctx) is tuple and ctx and ctx[0] == "unlink":
+                self._send_ret_unlink(ctx[1], urb.status)
+                return
+            self._send_ret_submit(urb, is_in)
+            if urb.ep == 0 and urb.setup[1] in (9, 11) and urb.setup[0] in (0, 1):
+                self.invalidate_endpoints()  # SET_CONFIGURATION / SET_INTERFACE
+        finally:
+            if is_in:
+                self.pool.release(buffer)
+            urb.buffer = b""
+            if self._idle is not None and not self.pending:
+                self._idle.set()
+
+    def _send_ret_submit(self, urb: Urb, is_in: bool) -> None:
+        iso = urb.iso
+        actual = urb.actual_length
+        hdr = bytearray(HEADER_SIZE)
+        if iso is None:
+            if actual < 0 or actual > urb.transfer_buffer_length:
+                log.error("device %s reported actual_length %d for %r", self.device.busid, actual, urb)
+                actual = max(0, min(actual, urb.transfer_buffer_length))
+            pack_ret_submit(hdr, 0, urb.seqnum, urb.status, actual, urb.start_frame, urb.number_of_packets, 0)
+            if is_in and actual:
+                self.send([hdr, memoryview(urb.buffer)[:actual]], HEADER_SIZE + actual)
+            else:
+                self.send([hdr], HEADER_SIZE)
+            return
+        # isochronous: actual_length is the sum of the packets' actual lengths (usbip_recv_iso checks it)
+        n = len(iso)
+        total = iso.total_actual()
+        errors = iso.error_count()
+        pack_ret_submit(hdr, 0, urb.seqnum, urb.status, total, urb.start_frame, n, errors)
+        descs = bytearray(n * ISO_DESC_SIZE)
+        iso.pack_into(descs, 0)
+        parts: list[Any] = [hdr]
+        if is_in and total:
+            view = memoryview(urb.buffer)
+            for off, _length, act, _status in iso.tolist():
+                if act:
+                    parts.append(view[off : off + act])
+        else:
+            total = 0
+        parts.append(descs)
+        self.send(parts, HEADER_SIZE + total + len(descs))
+
+    # ------------------------------------------------------------ teardown
+    async def shutdown(self, timeout: float = 5.0) -> None:
+        """Cancel every pending URB and wait (bounded) for the device to complete them."""
+        self.closing = True
+        for urb in list(self.pending.values()):
+            if not urb.done and not urb.cancelled:
+                urb.cancelled = True
+                try:
+                    self.device.cancel(urb)
+                except Exception:
+                    log.exception("device %s failed to cancel %r", self.device.busid, urb)
+                    urb.complete(ECONNRESET, 0)
+        if self.pending:
+            self._idle = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._idle.wait(), timeout)
+            except asyncio.TimeoutError:
+                log.error("device %s left %d URBs pending after %.1fs", self.device.busid, len(self.pending), timeout)
+                for urb in list(self.pending.values()):
+                    urb.complete(ECONNRESET, 0)
