@@ -229,7 +229,10 @@ class RemoteDevice:
         return bytes(res.data) if is_in and res.data is not None else b""
 
     async def bulk_transfer(
-        self, endpoint: int, data_or_length: bytes | bytearray | memoryview | int, timeout: float | None = 5.0,
+        self,
+        endpoint: int,
+        data_or_length: bytes | bytearray | memoryview | int,
+        timeout: float | None = 5.0,
         transfer_flags: int = 0,
     ) -> bytes | int:
         """Bulk IN returns the bytes read; bulk OUT returns the number of bytes written."""

@@ -1,0 +1,180 @@
+"""``usbip``: the client tool, with the Linux tool's commands (list, attach, detach, port, bind, unbind)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from typing import Any
+
+from .. import __version__
+from ..protocol.constants import USBIP_PORT
+from . import exitcodes
+from .logs import setup_logging
+
+log = logging.getLogger("usbip")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="usbip", description="USB/IP client and device binding tool (cyusbip).")
+    p.add_argument("-d", "--debug", action="store_true", help="print debugging information")
+    p.add_argument("-l", "--log", action="store_true", help="log to syslog as well (accepted for compatibility)")
+    p.add_argument("-t", "--tcp-port", type=int, default=USBIP_PORT, metavar="PORT", help="TCP port (default 3240)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--version", action="version", version=f"usbip (cyusbip) {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    ls = sub.add_parser("list", help="list exportable (-r) or local (-l) USB devices")
+    g = ls.add_mutually_exclusive_group(required=True)
+    g.add_argument("-r", "--remote", metavar="HOST", help="list the devices exported by HOST")
+    g.add_argument("-l", "--local", action="store_true", help="list the local USB devices")
+    g.add_argument("-d", "--device", action="store_true", help="list the local usbip-vudc devices (not supported)")
+    ls.add_argument("-p", "--parsable", action="store_true", help="parsable list format")
+
+    at = sub.add_parser("attach", help="import a remote device through vhci-hcd")
+    at.add_argument("-r", "--remote", metavar="HOST", required=True)
+    at.add_argument("-b", "--busid", required=True)
+
+    de = sub.add_parser("detach", help="detach an imported device from a vhci-hcd port")
+    de.add_argument("-p", "--port", type=int, required=True)
+
+    sub.add_parser("port", help="show the vhci-hcd ports in use")
+
+    bi = sub.add_parser("bind", help="export a local device through usbipd")
+    bi.add_argument("-b", "--busid", required=True)
+    ub = sub.add_parser("unbind", help="stop exporting a local device")
+    ub.add_argument("-b", "--busid", required=True)
+
+    sub.add_parser("version", help="print the version")
+    return p
+
+
+# ---------------------------------------------------------------- list -r
+def format_remote_list(host: str, records: list[Any]) -> str:
+    """What tools/usb/usbip/src/usbip_list.c (list_exported_devices) prints."""
+    from ..names import usb_ids
+
+    ids = usb_ids()
+    out = ["Exportable USB devices", "======================", f" - {host}"]
+    for r in records:
+        out.append(f"{r.busid:>11}: {ids.product(r.idVendor, r.idProduct)}")
+        out.append(f"{'':>11}: {r.path}")
+        out.append(f"{'':>11}: {ids.klass(r.bDeviceClass, r.bDeviceSubClass, r.bDeviceProtocol)}")
+        for j, i in enumerate(r.interfaces):
+            cls = ids.klass(i.bInterfaceClass, i.bInterfaceSubClass, i.bInterfaceProtocol)
+            out.append(f"{'':>11}: {j:2d} - {cls}")
+        out.append("")
+    return "\n".join(out)
+
+
+def record_json(r: Any) -> dict[str, Any]:
+    from ..names import usb_ids
+
+    ids = usb_ids()
+    d = r.as_dict()
+    d["vendor"] = ids.vendors.get(r.idVendor)
+    d["product"] = ids.products.get((r.idVendor, r.idProduct))
+    d["idVendor"] = f"{r.idVendor:04x}"
+    d["idProduct"] = f"{r.idProduct:04x}"
+    return d
+
+
+async def _list_remote(host: str, port: int) -> list[Any]:
+    from ..client import connect
+
+    async with connect(host, port) as conn:
+        return await conn.list_devices()
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from ..client import UsbipError
+    from ..protocol import ProtocolError
+
+    if args.remote:
+        try:
+            records = asyncio.run(_list_remote(args.remote, args.tcp_port))
+        except ProtocolError as exc:
+            log.error("%s: %s", args.remote, exc)
+            return exitcodes.FAILURE
+        except UsbipError as exc:
+            log.error("%s: %s", args.remote, exc)
+            return exitcodes.REFUSED
+        except (OSError, asyncio.TimeoutError) as exc:
+            log.error("could not connect to %s:%d: %s", args.remote, args.tcp_port, exc or "timed out")
+            return exitcodes.UNREACHABLE
+        if args.json:
+            print(json.dumps({"host": args.remote, "devices": [record_json(r) for r in records]}, indent=2))
+        elif args.parsable:
+            for r in records:
+                print(f"busid={r.busid}#usbid={r.idVendor:04x}:{r.idProduct:04x}#")
+        elif not records:
+            log.info("no exportable devices found on %s", args.remote)
+        else:
+            print(format_remote_list(args.remote, records))
+        return exitcodes.OK
+    if args.local:
+        from ..localdev import format_local_list, list_local
+
+        devices = list_local()
+        if args.json:
+            print(json.dumps({"devices": devices}, indent=2))
+        else:
+            print(format_local_list(devices, parsable=args.parsable), end="")
+        return exitcodes.OK
+    log.error("usbip-vudc devices are not supported")
+    return exitcodes.FAILURE
+
+
+# ---------------------------------------------------------------- vhci commands
+def cmd_attach(args: argparse.Namespace) -> int:
+    from ..vhci.commands import attach_command
+
+    return attach_command(args.remote, args.tcp_port, args.busid, as_json=args.json)
+
+
+def cmd_detach(args: argparse.Namespace) -> int:
+    from ..vhci.commands import detach_command
+
+    return detach_command(args.port, as_json=args.json)
+
+
+def cmd_port(args: argparse.Namespace) -> int:
+    from ..vhci.commands import port_command
+
+    return port_command(as_json=args.json)
+
+
+def cmd_bind(args: argparse.Namespace) -> int:
+    from ..localdev import bind_command
+
+    return bind_command(args.busid, bind=args.command == "bind", as_json=args.json)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.debug, "usbip")
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return exitcodes.USAGE
+    if args.command == "version":
+        print(f"usbip (cyusbip) {__version__}")
+        return exitcodes.OK
+    handler = {
+        "list": cmd_list,
+        "attach": cmd_attach,
+        "detach": cmd_detach,
+        "port": cmd_port,
+        "bind": cmd_bind,
+        "unbind": cmd_bind,
+    }[args.command]
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        return exitcodes.FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

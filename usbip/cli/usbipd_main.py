@@ -1,0 +1,125 @@
+"""``usbipd``: the USB/IP server, with the Linux usbipd's options plus virtual devices."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+import tempfile
+
+from .. import __version__
+from ..protocol.constants import USBIP_PORT
+from . import exitcodes
+from .logs import setup_logging
+
+log = logging.getLogger("usbipd")
+DEFAULT_PID_FILE = "/var/run/usbipd.pid"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="usbipd",
+        description="USB/IP server: exports USB devices (virtual ones, and host devices bound with `usbip bind`).",
+    )
+    fam = p.add_mutually_exclusive_group()
+    fam.add_argument("-4", "--ipv4", action="store_true", help="listen on IPv4 only")
+    fam.add_argument("-6", "--ipv6", action="store_true", help="listen on IPv6 only")
+    p.add_argument("-D", "--daemon", action="store_true", help="run in the background")
+    p.add_argument(
+        "-P",
+        "--pid",
+        nargs="?",
+        const=DEFAULT_PID_FILE,
+        metavar="FILE",
+        help=f"write a pid file (default {DEFAULT_PID_FILE})",
+    )
+    p.add_argument("-t", "--tcp-port", type=int, default=USBIP_PORT, metavar="PORT", help="TCP port (default 3240)")
+    p.add_argument("--host", default=None, help="listen address (default: all addresses)")
+    p.add_argument("-d", "--debug", action="store_true", help="print debugging information")
+    p.add_argument("-v", "--version", action="version", version=f"usbipd (cyusbip) {__version__}")
+    p.add_argument(
+        "--virtual",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="export a virtual device: loopback, loopback:ss, storage:PATH:SIZE[:ro], keyboard:TEXT, serial",
+    )
+    p.add_argument("--demo", action="store_true", help="export one virtual device of each kind")
+    p.add_argument("--demo-dir", default=None, help="where --demo keeps its disk image (default: a temp dir)")
+    return p
+
+
+def _daemonize() -> None:
+    if os.fork() > 0:
+        os._exit(0)
+    os.setsid()
+    if os.fork() > 0:
+        os._exit(0)
+    os.chdir("/")
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+
+
+async def _run(args: argparse.Namespace) -> int:
+    from ..server import Server
+    from ..virtual import demo_devices, make_device
+
+    devices = []
+    try:
+        for spec in args.virtual:
+            devices.append(make_device(spec))
+        if args.demo:
+            demo_dir = args.demo_dir or tempfile.mkdtemp(prefix="usbipd-demo-")
+            devices.extend(demo_devices(demo_dir))
+    except (ValueError, OSError) as exc:
+        log.error("%s", exc)
+        return exitcodes.USAGE
+    family = socket.AF_INET if args.ipv4 else socket.AF_INET6 if args.ipv6 else socket.AF_UNSPEC
+    server = Server(devices, host=args.host, port=args.tcp_port, family=family)
+    try:
+        await server.start()
+    except OSError as exc:
+        log.error("cannot listen on port %d: %s", args.tcp_port, exc)
+        return exitcodes.FAILURE
+    for dev in server.registry.devices():
+        extra = getattr(dev, "describe", lambda: "")()
+        log.info("exporting %s: %s%s", dev.busid, type(dev).__name__, f" ({extra})" if extra else "")
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await server.close()
+    return exitcodes.OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.debug, "usbipd")
+    if args.daemon:
+        _daemonize()
+    if args.pid:
+        try:
+            with open(args.pid, "w") as f:
+                f.write(f"{os.getpid()}\n")
+        except OSError as exc:
+            log.error("cannot write pid file %s: %s", args.pid, exc)
+            return exitcodes.FAILURE
+    try:
+        return asyncio.run(_run(args))
+    finally:
+        if args.pid:
+            try:
+                os.unlink(args.pid)
+            except OSError:
+                pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())
