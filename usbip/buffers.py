@@ -13,7 +13,7 @@ _MIN_CLASS = 512
 class PoolBuffer(bytearray):
     """A bytearray of the requested size that remembers its pool state."""
 
-    __slots__ = ("capacity", "released")
+    __slots__ = ("capacity", "pool", "released")
 
     @property
     def in_use(self) -> bool:
@@ -46,13 +46,15 @@ class BufferPool:
             buf = PoolBuffer(size)
             buf.capacity = cap
         buf.released = False
+        buf.pool = self
         self.outstanding += 1
         return buf
 
     def release(self, buf: PoolBuffer) -> None:
-        if getattr(buf, "released", True):
-            return
+        if getattr(buf, "released", True) or getattr(buf, "pool", None) is not self:
+            return  # already released, or not from this pool
         buf.released = True
+        buf.pool = None
         self.outstanding -= 1
         if buf.capacity > self.max_pooled:
             return

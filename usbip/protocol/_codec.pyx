@@ -6,7 +6,8 @@ Header words and iso descriptors are read and written by the C helpers in
 """
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
-from cpython.bytearray cimport PyByteArray_AS_STRING
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memmove
@@ -186,10 +187,19 @@ cdef inline unsigned char *_wptr(_View v, object buf, Py_ssize_t offset, Py_ssiz
 
 # ---------------------------------------------------------------- encoders
 cdef inline Py_ssize_t _pack(object buf, Py_ssize_t offset, uint32_t *w, const unsigned char *setup) except -1:
-    cdef _View v = _View()
-    cdef unsigned char *p = _wptr(v, buf, offset, HEADER_SIZE)
-    usbip_pack_words(p, w, setup)
-    v.release()
+    cdef Py_buffer view
+    if isinstance(buf, bytearray):  # fast path: no Py_buffer round trip
+        if offset < 0 or PyByteArray_GET_SIZE(buf) - offset < HEADER_SIZE:
+            raise ValueError(f"buffer too small: need {HEADER_SIZE} bytes at offset {offset}")
+        usbip_pack_words(<unsigned char *>PyByteArray_AS_STRING(buf) + offset, w, setup)
+        return offset + HEADER_SIZE
+    PyObject_GetBuffer(buf, &view, PyBUF_WRITABLE)
+    try:
+        if offset < 0 or view.len - offset < HEADER_SIZE:
+            raise ValueError(f"buffer too small: need {HEADER_SIZE} bytes at offset {offset}")
+        usbip_pack_words(<unsigned char *>view.buf + offset, w, setup)
+    finally:
+        PyBuffer_Release(&view)
     return offset + HEADER_SIZE
 
 
@@ -198,14 +208,16 @@ def pack_cmd_submit(buf, Py_ssize_t offset, uint32_t seqnum, uint32_t devid, uin
                     int32_t number_of_packets=0, int32_t interval=0, setup=_ZERO_SETUP):
     """Write a CMD_SUBMIT header at ``buf[offset:offset+48]``; return the end offset."""
     cdef uint32_t w[10]
-    cdef const unsigned char[:] s
-    if len(setup) != 8:
+    if not isinstance(setup, bytes):
+        if len(setup) != 8:
+            raise ValueError("setup packet must be 8 bytes")
+        setup = bytes(setup)
+    if PyBytes_GET_SIZE(setup) != 8:
         raise ValueError("setup packet must be 8 bytes")
-    s = bytes(setup)
     w[0] = CMD_SUBMIT; w[1] = seqnum; w[2] = devid; w[3] = direction; w[4] = ep
     w[5] = transfer_flags; w[6] = <uint32_t>transfer_buffer_length; w[7] = <uint32_t>start_frame
     w[8] = <uint32_t>number_of_packets; w[9] = <uint32_t>interval
-    return _pack(buf, offset, w, &s[0])
+    return _pack(buf, offset, w, <const unsigned char *>PyBytes_AS_STRING(setup))
 
 
 def pack_ret_submit(buf, Py_ssize_t offset, uint32_t seqnum, int32_t status, int32_t actual_length,
@@ -236,30 +248,60 @@ def pack_ret_unlink(buf, Py_ssize_t offset, uint32_t seqnum, int32_t status, uin
 
 
 cdef object _decode_header(const unsigned char *p):
+    # objects are made with __new__ and filled in directly: no __init__ argument parsing
     cdef uint32_t w[10]
+    cdef CmdSubmit cs
+    cdef RetSubmit rs
+    cdef CmdUnlink cu
+    cdef RetUnlink ru
     usbip_unpack_words(p, w)
     if w[0] == CMD_SUBMIT:
-        return CmdSubmit(w[1], w[2], w[3], w[4], w[5], _s32(w[6]), _s32(w[7]), _s32(w[8]), _s32(w[9]),
-                         (<const char *>p)[40:48])
+        cs = CmdSubmit.__new__(CmdSubmit)
+        cs.seqnum = w[1]; cs.devid = w[2]; cs.direction = w[3]; cs.ep = w[4]; cs.transfer_flags = w[5]
+        cs.transfer_buffer_length = _s32(w[6]); cs.start_frame = _s32(w[7])
+        cs.number_of_packets = _s32(w[8]); cs.interval = _s32(w[9])
+        cs.setup = PyBytes_FromStringAndSize(<const char *>p + 40, 8)
+        return cs
     if w[0] == RET_SUBMIT:
-        return RetSubmit(w[1], _s32(w[5]), _s32(w[6]), _s32(w[7]), _s32(w[8]), _s32(w[9]), w[2], w[3], w[4])
+        rs = RetSubmit.__new__(RetSubmit)
+        rs.seqnum = w[1]; rs.devid = w[2]; rs.direction = w[3]; rs.ep = w[4]
+        rs.status = _s32(w[5]); rs.actual_length = _s32(w[6]); rs.start_frame = _s32(w[7])
+        rs.number_of_packets = _s32(w[8]); rs.error_count = _s32(w[9])
+        return rs
     if w[0] == CMD_UNLINK:
-        return CmdUnlink(w[1], w[2], w[3], w[4], w[5])
+        cu = CmdUnlink.__new__(CmdUnlink)
+        cu.seqnum = w[1]; cu.devid = w[2]; cu.direction = w[3]; cu.ep = w[4]; cu.unlink_seqnum = w[5]
+        return cu
     if w[0] == RET_UNLINK:
-        return RetUnlink(w[1], _s32(w[5]), w[2], w[3], w[4])
+        ru = RetUnlink.__new__(RetUnlink)
+        ru.seqnum = w[1]; ru.devid = w[2]; ru.direction = w[3]; ru.ep = w[4]; ru.status = _s32(w[5])
+        return ru
     raise ProtocolError(f"unknown USB/IP command 0x{w[0]:08x}")
 
 
 def unpack_header(buf, Py_ssize_t offset=0):
     """Decode one 48-byte header (no payload); raise ProtocolError on an unknown command."""
-    cdef _View v = _View()
-    v.acquire(buf, False)
+    cdef Py_buffer view
+    cdef Py_ssize_t n
+    if offset < 0:
+        raise ValueError(f"negative offset {offset}")
+    if isinstance(buf, bytes):  # fast paths: no Py_buffer round trip
+        n = PyBytes_GET_SIZE(buf)
+        if n - offset < HEADER_SIZE:
+            raise ProtocolError(f"URB header needs {HEADER_SIZE} bytes, got {n - offset}")
+        return _decode_header(<const unsigned char *>PyBytes_AS_STRING(buf) + offset)
+    if isinstance(buf, bytearray):
+        n = PyByteArray_GET_SIZE(buf)
+        if n - offset < HEADER_SIZE:
+            raise ProtocolError(f"URB header needs {HEADER_SIZE} bytes, got {n - offset}")
+        return _decode_header(<const unsigned char *>PyByteArray_AS_STRING(buf) + offset)
+    PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
     try:
-        if v.view.len - offset < HEADER_SIZE:
-            raise ProtocolError(f"URB header needs {HEADER_SIZE} bytes, got {v.view.len - offset}")
-        return _decode_header(<const unsigned char *>v.view.buf + offset)
+        if view.len - offset < HEADER_SIZE:
+            raise ProtocolError(f"URB header needs {HEADER_SIZE} bytes, got {view.len - offset}")
+        return _decode_header(<const unsigned char *>view.buf + offset)
     finally:
-        v.release()
+        PyBuffer_Release(&view)
 
 
 # ---------------------------------------------------------------- iso descriptors
@@ -314,6 +356,8 @@ cdef class IsoPackets:
     def unpack(cls, buf, Py_ssize_t offset, int count):
         if count < 0 or count > MAX_ISO:
             raise ProtocolError(f"number_of_packets {count} outside 0..{MAX_ISO}")
+        if offset < 0:
+            raise ValueError(f"negative offset {offset}")
         cdef _View v = _View()
         v.acquire(buf, False)
         try:
@@ -492,6 +536,8 @@ cdef class Decoder:
         return memoryview(self._buf)[self._end:]
 
     def buffer_updated(self, Py_ssize_t nbytes):
+        if self.failed is not None:
+            raise self.failed
         if nbytes < 0 or self._end + nbytes > len(self._buf):
             raise ValueError("buffer_updated beyond the buffer")
         self._end += nbytes
@@ -503,6 +549,8 @@ cdef class Decoder:
         cdef _View v = _View()
         cdef Py_ssize_t pos = 0, n, total
         cdef Py_ssize_t free
+        if self.failed is not None:
+            raise self.failed
         v.acquire(data, False)
         try:
             total = v.view.len

@@ -299,6 +299,8 @@ def pack_ret_unlink(
 
 def unpack_header(buf: bytes | bytearray | memoryview, offset: int = 0) -> Message:
     """Decode one 48-byte header (no payload); raise ProtocolError on an unknown command."""
+    if offset < 0:
+        raise ValueError(f"negative offset {offset}")
     if len(buf) - offset < HEADER_SIZE:
         raise ProtocolError(f"URB header needs {HEADER_SIZE} bytes, got {len(buf) - offset}")
     command, seqnum, devid, direction, ep = _BASIC.unpack_from(buf, offset)
@@ -349,6 +351,8 @@ class IsoPackets:
     def unpack(cls, buf: bytes | bytearray | memoryview, offset: int, count: int) -> IsoPackets:
         if count < 0 or count > USBIP_MAX_ISO_PACKETS:
             raise ProtocolError(f"number_of_packets {count} outside 0..{USBIP_MAX_ISO_PACKETS}")
+        if offset < 0:
+            raise ValueError(f"negative offset {offset}")
         if len(buf) - offset < count * ISO_DESC_SIZE:
             raise ProtocolError("iso packet descriptors truncated")
         iso = cls(count)
@@ -511,6 +515,8 @@ class Decoder:
         return memoryview(self._buf)[self._end :]
 
     def buffer_updated(self, nbytes: int) -> list[Message]:
+        if self.failed is not None:
+            raise self.failed
         if nbytes < 0 or self._end + nbytes > len(self._buf):
             raise ValueError("buffer_updated beyond the buffer")
         self._end += nbytes
@@ -518,6 +524,8 @@ class Decoder:
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Message]:
         """Copy ``data`` in and return every message it completes."""
+        if self.failed is not None:
+            raise self.failed
         out: list[Message] = []
         mv = memoryview(data).cast("B")
         while len(mv):

@@ -170,6 +170,8 @@ def pack_import_reply(status: int, device: DeviceRecord | None = None) -> bytes:
 
 
 def unpack_devlist_count(data: bytes | memoryview, max_devices: int = MAX_DEVICES) -> int:
+    if len(data) < 4:
+        raise ProtocolError(f"device count needs 4 bytes, got {len(data)}")
     (n,) = _U32.unpack_from(data)
     if n > max_devices:
         raise ProtocolError(f"device list claims {n} devices (limit {max_devices})")

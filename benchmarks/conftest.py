@@ -1,0 +1,86 @@
+"""Benchmark fixtures: every codec benchmark runs against both twins in the same session,
+and the session ends with the pure/compiled ratio per group (also stored in extra_info)."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections import defaultdict
+
+import pytest
+
+NO_EXTENSIONS = os.environ.get("USBIP_NO_EXTENSIONS", "") not in ("", "0")
+CODEC_MODULES = {"python": "usbip.protocol.codec", "cython": "usbip.protocol._codec"}
+# targets from the design: compiled >= 5x pure on headers, >= 10x on iso work
+TARGETS = {"cmd_submit header": 5.0, "ret_submit header": 5.0, "iso 32 descriptors": 10.0,
+           "iso 32x1024 unpad/pad": 10.0}
+
+
+@pytest.fixture(scope="session", params=list(CODEC_MODULES), ids=list(CODEC_MODULES))
+def codec(request):
+    try:
+        return importlib.import_module(CODEC_MODULES[request.param])
+    except ImportError as exc:
+        if NO_EXTENSIONS:
+            pytest.skip(f"compiled codec unavailable: {exc}")
+        pytest.fail(f"compiled codec cannot be imported: {exc}", pytrace=False)
+
+
+def _ratios(benchmarks) -> dict[str, dict[str, float]]:
+    """{group: {"python": min_s, "cython": min_s, "ratio": python/cython}} from benchmark metadata."""
+    times: dict[str, dict[str, float]] = defaultdict(dict)
+    for bench in benchmarks:
+        stats = getattr(bench, "stats", None)
+        if stats is None or not getattr(stats, "rounds", 0):
+            continue
+        impl = (bench.params or {}).get("codec")
+        if impl is None:
+            impl = "cython" if "cython" in bench.name else "python" if "python" in bench.name else None
+        if impl and bench.group:
+            times[bench.group][impl] = stats.min
+    out = {}
+    for group, t in times.items():
+        if "python" in t and "cython" in t and t["cython"] > 0:
+            out[group] = {**t, "ratio": t["python"] / t["cython"]}
+    return out
+
+
+def _session_benchmarks(config):
+    bs = getattr(config, "_benchmarksession", None)
+    return list(getattr(bs, "benchmarks", []) or []) if bs is not None else []
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_sessionfinish(session, exitstatus):
+    # before pytest-benchmark saves its JSON: store the ratio in each benchmark's extra_info
+    benchmarks = _session_benchmarks(session.config)
+    ratios = _ratios(benchmarks)
+    for bench in benchmarks:
+        r = ratios.get(bench.group)
+        if r is not None:
+            bench.extra_info["pure_over_compiled"] = round(r["ratio"], 2)
+            if bench.group in TARGETS:
+                bench.extra_info["target"] = TARGETS[bench.group]
+    session.config._codec_ratios = ratios
+    yield
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    ratios = getattr(config, "_codec_ratios", {})
+    output_json["codec_ratios"] = {g: round(r["ratio"], 2) for g, r in ratios.items()}
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    ratios = getattr(config, "_codec_ratios", None)
+    if not ratios:
+        return
+    tr = terminalreporter
+    tr.section("pure / compiled speed ratio (min times)")
+    for group in sorted(ratios):
+        r = ratios[group]
+        target = TARGETS.get(group)
+        verdict = ""
+        if target is not None:
+            verdict = f"  target >= {target:.0f}x: {'met' if r['ratio'] >= target else 'MISSED'}"
+        tr.write_line(f"{group:28s} python {r['python'] * 1e6:10.2f} us   cython {r['cython'] * 1e6:10.2f} us"
+                      f"   ratio {r['ratio']:6.1f}x{verdict}")

@@ -1,0 +1,154 @@
+"""The URB buffer pool, both twins: acquire/release/reuse, view safety, recv_into."""
+
+from __future__ import annotations
+
+import gc
+import socket
+
+import pytest
+
+
+def test_acquire_exact_size_and_capacity_classes(pool_impl) -> None:
+    pool = pool_impl.BufferPool()
+    for size, cap in [(0, 512), (1, 512), (512, 512), (513, 1024), (4096, 4096), (70000, 131072)]:
+        buf = pool.acquire(size)
+        assert len(buf) == size
+        assert len(memoryview(buf)) == size
+        assert buf.capacity == cap
+        assert buf.in_use
+        pool.release(buf)
+        assert not buf.in_use
+    with pytest.raises(ValueError):
+        pool.acquire(-1)
+
+
+def test_buffers_are_writable_and_clear(pool_impl) -> None:
+    pool = pool_impl.BufferPool()
+    buf = pool.acquire(10)
+    mv = memoryview(buf)
+    assert not mv.readonly
+    mv[:] = b"0123456789"
+    assert bytes(buf) == b"0123456789"
+    del mv
+    buf.clear()
+    assert bytes(buf) == bytes(10)
+
+
+def test_release_and_reuse(pool_impl) -> None:
+    pool = pool_impl.BufferPool()
+    a = pool.acquire(1000)
+    assert pool.outstanding == 1 and pool.cached == 0
+    pool.release(a)
+    assert pool.outstanding == 0 and pool.cached == 1
+    b = pool.acquire(600)  # same 1024 class: the released buffer comes back, resized
+    assert b is a and len(b) == 600 and pool.cached == 0
+    c = pool.acquire(600)
+    assert c is not b and pool.outstanding == 2
+    pool.release(b)
+    pool.release(c)
+    assert pool.cached == 2
+    d = pool.acquire(100)  # a different class does not take them
+    assert d is not b and d is not c and pool.cached == 2
+
+
+def test_double_release_is_harmless(pool_impl) -> None:
+    pool = pool_impl.BufferPool()
+    a = pool.acquire(10)
+    pool.release(a)
+    pool.release(a)
+    assert pool.outstanding == 0 and pool.cached == 1
+    b, c = pool.acquire(10), pool.acquire(10)
+    assert b is a and c is not a  # handed out once only
+
+
+def test_foreign_buffer_is_ignored(pool_impl) -> None:
+    p1, p2 = pool_impl.BufferPool(), pool_impl.BufferPool()
+    a = p1.acquire(10)
+    p2.release(a)  # not p2's: ignored
+    assert p2.cached == 0 and p2.outstanding == 0 and a.in_use
+    p1.release(a)
+    assert p1.cached == 1
+
+
+def test_limits(pool_impl) -> None:
+    pool = pool_impl.BufferPool(max_pooled=1024, max_free=2)
+    big = pool.acquire(2048)
+    pool.release(big)
+    assert pool.cached == 0  # over max_pooled: dropped
+    bufs = [pool.acquire(100) for _ in range(4)]
+    for b in bufs:
+        pool.release(b)
+    assert pool.cached == 2  # max_free per class
+    assert pool.outstanding == 0
+
+
+def test_buffer_with_live_view_is_not_handed_out(pool_impl) -> None:
+    pool = pool_impl.BufferPool()
+    a = pool.acquire(100)
+    view = memoryview(a)
+    view[:4] = b"live"
+    pool.release(a)
+    # while the view is alive the memory must not be reused
+    others = [pool.acquire(100) for _ in range(3)]
+    assert all(o is not a for o in others)
+    for o in others:
+        memoryview(o)[:4] = b"XXXX"
+    assert bytes(view[:4]) == b"live"
+    for o in others:
+        pool.release(o)
+    cached_before = pool.cached
+    view.release()
+    del view
+    gc.collect()
+    if pool_impl.IMPLEMENTATION == "cython":
+        # the last view going away returns the buffer to the pool
+        assert pool.cached == cached_before + 1
+        got = [pool.acquire(100) for _ in range(4)]
+        assert any(g is a for g in got)
+    else:
+        # the pure pool cannot learn when the view dies: the buffer is simply not reused
+        assert pool.cached == cached_before
+        got = [pool.acquire(100) for _ in range(4)]
+        assert all(g is not a for g in got)
+
+
+def test_slices_of_views_also_pin_the_buffer(pool_impl) -> None:
+    pool = pool_impl.BufferPool()
+    a = pool.acquire(64)
+    part = memoryview(a)[10:20]
+    pool.release(a)
+    assert pool.acquire(64) is not a
+    del part
+
+
+def test_socketpair_recv_into_pooled_buffer(pool_impl) -> None:
+    pool = pool_impl.BufferPool()
+    left, right = socket.socketpair()
+    with left, right:
+        payload = bytes(range(256)) * 40  # 10240 bytes
+        left.sendall(payload)
+        buf = pool.acquire(len(payload))
+        got = 0
+        view = memoryview(buf)
+        while got < len(payload):
+            n = right.recv_into(view[got:])
+            assert n > 0
+            got += n
+        assert bytes(buf) == payload
+        # and send straight from a pooled buffer
+        right.sendall(view[:100])
+        out = pool.acquire(100)
+        assert left.recv_into(out) == 100
+        assert bytes(out) == payload[:100]
+        del view
+        pool.release(buf)
+        pool.release(out)
+        assert pool.outstanding == 0
+
+
+def test_pool_module_selects_a_twin() -> None:
+    from usbip import pool
+
+    assert pool.IMPLEMENTATION in ("python", "cython")
+    buf = pool.BufferPool().acquire(8)
+    assert isinstance(buf, pool.PoolBuffer) and len(buf) == 8
