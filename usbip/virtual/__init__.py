@@ -1,0 +1,118 @@
+"""Devices implemented in Python, exportable by the server like real ones.
+
+``make_device(spec)`` builds one from a command-line spec:
+
+* ``loopback`` / ``loopback:hs`` / ``loopback:ss`` / ``loopback:fs`` - gadget zero
+  source/sink/loopback (``:p1`` anywhere after the name selects pattern 1,
+  e.g. ``loopback:ss:p1``)
+* ``storage:PATH:SIZE[:ro]`` - mass storage on a disk image (SIZE like 64M, 1G or
+  bytes; may be empty, ``storage:PATH`` or ``storage:PATH::ro``, for an existing image)
+* ``keyboard:TEXT`` - HID keyboard typing TEXT (``\\n`` is Enter)
+* ``serial`` - CDC-ACM serial port bridged to a local PTY (``device.pty_path``)
+"""
+
+from __future__ import annotations
+
+import os
+
+from ..protocol.constants import Speed
+from .framework import (
+    DEFERRED,
+    Configuration,
+    Endpoint,
+    Interface,
+    UsbError,
+    VirtualDevice,
+    WaitQueue,
+    complete_in,
+    configuration,
+    endpoint,
+    interface,
+)
+from .keyboard import KeyboardDevice
+from .loopback import LoopbackDevice
+from .serial import SerialDevice
+from .storage import StorageDevice, parse_size
+
+__all__ = [
+    "DEFERRED",
+    "Configuration",
+    "Endpoint",
+    "Interface",
+    "KeyboardDevice",
+    "LoopbackDevice",
+    "SerialDevice",
+    "StorageDevice",
+    "UsbError",
+    "VirtualDevice",
+    "WaitQueue",
+    "complete_in",
+    "configuration",
+    "demo_devices",
+    "endpoint",
+    "interface",
+    "make_device",
+    "parse_size",
+]
+
+_SPEEDS = {
+    "fs": Speed.FULL,
+    "full": Speed.FULL,
+    "hs": Speed.HIGH,
+    "high": Speed.HIGH,
+    "ss": Speed.SUPER,
+    "super": Speed.SUPER,
+}
+
+SPEC_HELP = "loopback[:hs|:ss|:fs][:p1], storage:PATH[:SIZE][:ro], keyboard:TEXT, serial"
+
+
+def make_device(spec: str) -> VirtualDevice:
+    """Build a virtual device from a spec string (see the module docstring)."""
+    kind, _, rest = spec.partition(":")
+    kind = kind.strip().lower()
+    if kind == "loopback":
+        speed, pattern = Speed.HIGH, 0
+        for opt in filter(None, rest.split(":")):
+            o = opt.lower()
+            if o in _SPEEDS:
+                speed = _SPEEDS[o]
+            elif o in ("p0", "p1", "pattern0", "pattern1"):
+                pattern = int(o[-1])
+            else:
+                raise ValueError(f"bad loopback option {opt!r} in {spec!r} (use hs, ss, fs, p0 or p1)")
+        return LoopbackDevice(pattern=pattern, speed=speed)
+    if kind == "storage":
+        parts = rest.split(":")
+        readonly = False
+        if len(parts) > 1 and parts[-1].lower() == "ro":
+            readonly = True
+            parts.pop()
+        if not parts or not parts[0]:
+            raise ValueError(f"bad storage spec {spec!r}: expected storage:PATH[:SIZE][:ro]")
+        if len(parts) > 2:
+            raise ValueError(f"bad storage spec {spec!r}: expected storage:PATH[:SIZE][:ro]")
+        path = parts[0]
+        size = parse_size(parts[1]) if len(parts) == 2 and parts[1] else None
+        if size is None and not os.path.exists(path):
+            raise ValueError(f"bad storage spec {spec!r}: {path} does not exist, give a size (storage:PATH:64M)")
+        return StorageDevice(path, size=size, readonly=readonly)
+    if kind == "keyboard":
+        text = rest.replace("\\n", "\n").replace("\\t", "\t")
+        return KeyboardDevice(text)
+    if kind == "serial":
+        if rest:
+            raise ValueError(f"bad serial spec {spec!r}: takes no options")
+        return SerialDevice()
+    raise ValueError(f"unknown virtual device {spec!r}; expected one of: {SPEC_HELP}")
+
+
+def demo_devices(tmpdir: str | os.PathLike[str]) -> list[VirtualDevice]:
+    """One device of each kind; the storage image (64 MiB, sparse) lives in ``tmpdir``."""
+    path = os.path.join(os.fspath(tmpdir), "cyusbip-demo-disk.img")
+    return [
+        LoopbackDevice(),
+        StorageDevice(path, size=64 * 1024 * 1024),
+        KeyboardDevice("Hello from cyusbip!\n"),
+        SerialDevice(),
+    ]
