@@ -48,6 +48,7 @@ class Urb:
         "status",
         "transfer_buffer_length",
         "transfer_flags",
+        "unlink_seqnum",
     )
 
     def __init__(
@@ -82,6 +83,7 @@ class Urb:
         self.on_complete = on_complete
         self.done = False
         self.cancelled = False
+        self.unlink_seqnum = -1  # seqnum of the CMD_UNLINK that cancelled it (server bookkeeping)
         self.context: object = None  # for the device's own bookkeeping
 
     @property
@@ -191,3 +193,10 @@ class Device(abc.ABC):
 
     def reset(self) -> None:  # noqa: B027 - optional hook
         """Port reset (SET_FEATURE(PORT_RESET) from the client)."""
+
+    def release(self) -> None:  # noqa: B027 - optional hook
+        """The server stops exporting the device for good: free files, PTYs, handles."""
+
+    def describe(self) -> str:
+        """One line for logs (e.g. the PTY of a serial device)."""
+        return ""

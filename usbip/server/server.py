@@ -126,6 +126,11 @@ class Server:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         self._accept_tasks.clear()
+        for dev in self.registry.devices():
+            try:
+                dev.release()
+            except Exception:
+                log.exception("device %s failed to release", dev.busid)
         self._closed.set()
 
     def stats(self) -> dict[str, int]:

@@ -182,7 +182,7 @@ class UrbSession:
             self._send_ret_unlink(msg.seqnum, 0)
             return
         urb.cancelled = True
-        urb.context = ("unlink", msg.seqnum, urb.context)
+        urb.unlink_seqnum = msg.seqnum
         try:
             self.device.cancel(urb)
         except Exception:
@@ -205,9 +205,8 @@ class UrbSession:
         try:
             if self.closing:
                 return
-            ctx = urb.context
-            if urb.cancelled and type(ctx) is tuple and ctx and ctx[0] == "unlink":
-                self._send_ret_unlink(ctx[1], urb.status)
+            if urb.unlink_seqnum >= 0:
+                self._send_ret_unlink(urb.unlink_seqnum, urb.status)
                 return
             self._send_ret_submit(urb, is_in)
             if urb.ep == 0 and urb.setup[1] in (9, 11) and urb.setup[0] in (0, 1):

@@ -229,6 +229,9 @@ class SerialDevice(VirtualDevice):
         self.abort_all()
         self._unregister()
 
+    def describe(self) -> str:
+        return f"PTY {self.pty_path}"
+
     def release(self) -> None:
         """Close the PTY (the device cannot be used afterwards)."""
         self.abort_all()

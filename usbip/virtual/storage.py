@@ -222,6 +222,9 @@ class StorageDevice(VirtualDevice):
     async def close(self) -> None:
         self.sync()
 
+    def describe(self) -> str:
+        return f"image {self.image_path}{' read-only' if self.readonly else ''}"
+
     def release(self) -> None:
         """Flush and close the image (the device cannot be used afterwards)."""
         if self.fd >= 0:

@@ -1,0 +1,1204 @@
+"""Boot a real Linux kernel (with the USB stack) in QEMU and run commands in it.
+
+The host kernel of the CI machine has no USB support, so kernel-level tests
+(vhci-hcd, usbip-host, dummy_hcd gadgets, ...) run inside a small VM:
+
+* ``-kernel /boot/vmlinuz-<ver>`` plus a tiny busybox initramfs that we build
+  ourselves (cached, keyed by kernel version and by the content of the init
+  script and modules);
+* the initramfs loads virtio/9p/overlay modules, mounts the host's ``/``
+  read-only over 9p as the lower dir of an overlayfs with a tmpfs upper dir and
+  ``switch_root``s into it - the guest therefore runs the host's own binaries,
+  Python, venvs and this checkout at the same paths (writes stay in the VM);
+* a second, writable 9p share (``Guest.share_dir`` on the host,
+  ``GUEST_SHARE`` in the guest) exchanges files;
+* PID 1 of the guest is a small stdlib-only Python agent (``AGENT_SOURCE``)
+  that talks JSON lines over a virtio-serial port connected to a unix socket
+  on the host.  ``Guest.run()`` sends a shell command and gets rc + output.
+
+Everything is stdlib only.  Environment overrides:
+
+* ``USBIP_QEMU_ACCEL``            (default ``tcg``; KVM hangs at boot here)
+* ``USBIP_QEMU``                  (qemu binary, default ``qemu-system-x86_64``)
+* ``USBIP_KERNEL_VERSION``        (default: newest kernel with usbip modules)
+* ``USBIP_KERNEL_CACHE``          (default ``~/.cache/cyusbip-kernel``)
+* ``USBIP_KERNEL_BOOT_TIMEOUT``   (seconds, default 180)
+* ``USBIP_KERNEL_MEMORY``         (MiB, default 1536)
+* ``USBIP_KERNEL_SMP``            (default 2)
+"""
+
+from __future__ import annotations
+
+import base64
+import ctypes
+import dataclasses
+import glob
+import gzip
+import hashlib
+import io
+import itertools
+import json
+import lzma
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import weakref
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+__all__ = [
+    "GUEST_SHARE",
+    "CommandFailed",
+    "CommandTimeout",
+    "Guest",
+    "GuestDied",
+    "GuestError",
+    "GuestTimeout",
+    "Result",
+    "build_initramfs",
+    "find_kernel",
+    "skip_reason",
+]
+
+#: where the writable host share is mounted inside the guest
+GUEST_SHARE = "/mnt/cyusbip-share"
+#: guest PATH: system directories only, so ``usbip``/``usbipd``/``python3``
+#: are Debian's; the Python running the tests is ``Guest.python`` (also
+#: ``$CYUSBIP_PYTHON`` in the guest).
+GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+AGENT_PORT_NAME = "cyusbip.agent"
+
+BUSYBOX_CANDIDATES = ("/bin/busybox", "/usr/bin/busybox")
+#: modules the initramfs loads (dependencies are resolved from modules.dep)
+INITRAMFS_MODULES = (
+    "virtio_pci",
+    "9pnet_virtio",
+    "9p",
+    "overlay",
+    "virtio_console",
+    "virtio_net",
+)
+
+
+# --------------------------------------------------------------------------
+# errors / results
+
+
+class GuestError(RuntimeError):
+    """Base class for everything that goes wrong with the guest."""
+
+
+class GuestDied(GuestError):
+    """QEMU exited (kernel panic, init died, crash)."""
+
+
+class GuestTimeout(GuestError):
+    """The guest did not answer in time (boot or agent channel)."""
+
+
+class CommandTimeout(GuestError):
+    """A command exceeded its timeout in the guest (it was killed)."""
+
+    def __init__(self, msg: str, result: Result):
+        super().__init__(msg)
+        self.result = result
+
+
+class CommandFailed(GuestError):
+    """``run(..., check=True)`` and the command returned rc != 0."""
+
+    def __init__(self, result: Result):
+        super().__init__(f"guest command failed with rc={result.rc}: {result.cmd!r}\n--- output ---\n{result.out}")
+        self.result = result
+
+
+@dataclasses.dataclass
+class Result:
+    rc: int
+    out: str  # stdout + stderr, combined, decoded (errors replaced)
+    cmd: str = ""
+    raw: bytes = b""
+    duration: float = 0.0
+    timed_out: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.rc == 0
+
+    def check(self) -> Result:
+        if self.rc != 0:
+            raise CommandFailed(self)
+        return self
+
+    def __str__(self) -> str:  # handy in assertion messages
+        return f"[rc={self.rc}] {self.cmd}\n{self.out}"
+
+
+# --------------------------------------------------------------------------
+# discovery / skip
+
+
+def _qemu_binary() -> str | None:
+    name = os.environ.get("USBIP_QEMU", "qemu-system-x86_64")
+    return shutil.which(name)
+
+
+def _kernel_versions() -> list[str]:
+    """Kernel versions that have a /boot image and usbip modules, newest first."""
+    found = []
+    for image in glob.glob("/boot/vmlinuz-*"):
+        ver = os.path.basename(image)[len("vmlinuz-") :]
+        if os.path.isdir(f"/lib/modules/{ver}/kernel/drivers/usb/usbip"):
+            found.append(ver)
+
+    def key(v: str):
+        parts = []
+        for chunk in v.replace("-", ".").split("."):
+            parts.append((0, int(chunk), "") if chunk.isdigit() else (1, 0, chunk))
+        return parts
+
+    return sorted(found, key=key, reverse=True)
+
+
+def find_kernel() -> tuple[str, str]:
+    """Return (version, path of vmlinuz) of the kernel to boot."""
+    ver = os.environ.get("USBIP_KERNEL_VERSION")
+    if not ver:
+        versions = _kernel_versions()
+        if not versions:
+            raise GuestError(
+                "no /boot/vmlinuz-* with /lib/modules/<ver>/kernel/drivers/usb/usbip "
+                "(apt-get install linux-image-amd64)"
+            )
+        ver = versions[0]
+    image = f"/boot/vmlinuz-{ver}"
+    if not os.path.exists(image):
+        raise GuestError(f"{image} does not exist")
+    return ver, image
+
+
+def _is_static_elf(path: str) -> bool:
+    """True for an ELF executable without a PT_INTERP (dynamic loader) header."""
+    import struct
+
+    try:
+        with open(path, "rb") as fh:
+            hdr = fh.read(64)
+            if hdr[:4] != b"\x7fELF" or hdr[4] != 2:  # ELF64 only
+                return False
+            end = "<" if hdr[5] == 1 else ">"
+            (phoff,) = struct.unpack_from(end + "Q", hdr, 0x20)
+            phentsize, phnum = struct.unpack_from(end + "HH", hdr, 0x36)
+            fh.seek(phoff)
+            table = fh.read(phentsize * phnum)
+    except (OSError, struct.error):
+        return False
+    for i in range(phnum):
+        (p_type,) = struct.unpack_from(end + "I", table, i * phentsize)
+        if p_type == 3:  # PT_INTERP
+            return False
+    return True
+
+
+def _busybox() -> str | None:
+    for cand in BUSYBOX_CANDIDATES:
+        if os.path.exists(cand) and _is_static_elf(cand):
+            return cand
+    return None
+
+
+def skip_reason() -> str | None:
+    """Why the kernel harness cannot run here, or None if it can."""
+    if sys.platform != "linux":
+        return "kernel tests need a Linux host"
+    if os.geteuid() != 0:
+        return "kernel tests need root (QEMU 9p export of / and guest root)"
+    if _qemu_binary() is None:
+        return "qemu-system-x86_64 not installed (scripts/install-test-deps)"
+    try:
+        _ver, image = find_kernel()
+    except GuestError as exc:
+        return str(exc)
+    if not os.access(image, os.R_OK):
+        return f"{image} is not readable"
+    if _busybox() is None:
+        return "static busybox not found (apt-get install busybox-static)"
+    for tool in ("usbip", "usbipd"):
+        # not shutil.which: the project installs its own usbip/usbipd scripts
+        if not os.path.exists(f"/usr/sbin/{tool}"):
+            return f"/usr/sbin/{tool} not installed (apt-get install usbip)"
+    if not (shutil.which("modprobe") or os.path.exists("/usr/sbin/modprobe") or os.path.exists("/sbin/modprobe")):
+        return "modprobe not installed (apt-get install kmod)"
+    return None
+
+
+# --------------------------------------------------------------------------
+# initramfs
+
+
+INIT_SCRIPT = r"""#!/bin/busybox sh
+# cyusbip kernel-test initramfs: mount host / (9p, ro) + tmpfs as overlay root.
+/bin/busybox mkdir -p /proc /sys /dev /sbin /usr/bin /usr/sbin /lower /upper /newroot
+/bin/busybox --install -s
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+
+ts() { read up _ </proc/uptime 2>/dev/null; echo "[$up] cyusbip-init: $*"; }
+
+fail() {
+    echo "CYUSBIP-INIT-FAILED: $*"
+    sleep 1
+    poweroff -f
+}
+
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null || mount -t tmpfs tmpfs /dev
+ts "loading modules"
+for m in $(cat /modules.order); do
+    insmod "/lib/modules/$m" || echo "cyusbip-init: insmod $m failed"
+done
+
+PY=
+for w in $(cat /proc/cmdline); do
+    case "$w" in
+        cyusbip_python=*) PY="${w#cyusbip_python=}" ;;
+    esac
+done
+[ -n "$PY" ] || fail "no cyusbip_python= on the kernel command line"
+ts "mounting root"
+
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144 hostroot /lower \
+    || fail "cannot mount host root over 9p"
+mount -t tmpfs -o mode=0755 tmpfs /upper || fail "tmpfs upper"
+mkdir -p /upper/upper /upper/work
+mount -t overlay -o lowerdir=/lower,upperdir=/upper/upper,workdir=/upper/work overlay /newroot \
+    || fail "cannot mount overlay root"
+mount -t tmpfs -o mode=0755 tmpfs /newroot/run || fail "tmpfs /run"
+mkdir -p /newroot/run/cyusbip /newroot{GUEST_SHARE}
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 share /newroot{GUEST_SHARE} \
+    || fail "cannot mount the writable share"
+[ -f "/newroot{GUEST_SHARE}/agent.py" ] || fail "agent.py missing in share"
+[ -x "/newroot$PY" ] || fail "python $PY not executable in the guest root"
+ts "moving mounts"
+mount --move /proc /newroot/proc || fail "move /proc"
+mount --move /sys /newroot/sys || fail "move /sys"
+mount --move /dev /newroot/dev || fail "move /dev"
+echo "cyusbip-init: switch_root, starting agent with $PY"
+exec switch_root /newroot "$PY" -I -S {GUEST_SHARE}/agent.py
+fail "switch_root failed"
+""".replace("{GUEST_SHARE}", GUEST_SHARE)
+
+
+def _norm(name: str) -> str:
+    return name.replace("-", "_")
+
+
+def _module_name(path: str) -> str:
+    base = os.path.basename(path)
+    for suffix in (".xz", ".gz", ".zst"):
+        if base.endswith(suffix):
+            base = base[: -len(suffix)]
+    if base.endswith(".ko"):
+        base = base[:-3]
+    return _norm(base)
+
+
+def _resolve_modules(ver: str, wanted: Iterable[str]) -> list[str]:
+    """Module file paths (relative to /lib/modules/ver) in load order."""
+    moddir = f"/lib/modules/{ver}"
+    deps: dict[str, tuple[str, list[str]]] = {}
+    with open(f"{moddir}/modules.dep") as fh:
+        for line in fh:
+            if ":" not in line:
+                continue
+            path, rest = line.split(":", 1)
+            deps[_module_name(path)] = (path, [_module_name(p) for p in rest.split()])
+    builtin = set()
+    try:
+        with open(f"{moddir}/modules.builtin") as fh:
+            builtin = {_module_name(line.strip()) for line in fh if line.strip()}
+    except OSError:
+        pass
+
+    order: list[str] = []
+    seen: set[str] = set()
+
+    def visit(name: str) -> None:
+        name = _norm(name)
+        if name in seen:
+            return
+        seen.add(name)
+        if name not in deps:
+            if name in builtin:
+                return
+            raise GuestError(f"kernel {ver}: module {name} not found in modules.dep")
+        path, ds = deps[name]
+        for d in ds:
+            visit(d)
+        order.append(path)
+
+    for w in wanted:
+        visit(w)
+    return order
+
+
+def _read_module(path: str) -> bytes:
+    if path.endswith(".xz"):
+        with lzma.open(path) as fh:
+            return fh.read()
+    if path.endswith(".gz"):
+        with gzip.open(path) as fh:
+            return fh.read()
+    if path.endswith(".zst"):
+        return subprocess.run(["zstd", "-dc", path], check=True, capture_output=True, timeout=60).stdout
+    with open(path, "rb") as fh:
+        return fh.read()
+
+
+class _Cpio:
+    """Minimal cpio "newc" writer (lets us create /dev/console without mknod)."""
+
+    def __init__(self) -> None:
+        self.buf = io.BytesIO()
+        self.ino = 1
+
+    def _entry(self, name: str, mode: int, data: bytes = b"", rdev=(0, 0)) -> None:
+        namebytes = name.encode() + b"\0"
+        hdr = "070701" + "".join(
+            f"{v:08x}"
+            for v in (
+                self.ino,
+                mode,
+                0,
+                0,
+                1,
+                0,
+                len(data),
+                0,
+                0,
+                rdev[0],
+                rdev[1],
+                len(namebytes),
+                0,
+            )
+        )
+        self.ino += 1
+        self.buf.write(hdr.encode() + namebytes)
+        self.buf.write(b"\0" * ((4 - (110 + len(namebytes)) % 4) % 4))
+        self.buf.write(data)
+        self.buf.write(b"\0" * ((4 - len(data) % 4) % 4))
+
+    def dir(self, name: str) -> None:
+        self._entry(name, 0o040755)
+
+    def file(self, name: str, data: bytes, perm: int = 0o644) -> None:
+        self._entry(name, 0o100000 | perm, data)
+
+    def chardev(self, name: str, major: int, minor: int) -> None:
+        self._entry(name, 0o020600, rdev=(major, minor))
+
+    def finish(self) -> bytes:
+        self._entry("TRAILER!!!", 0)
+        return self.buf.getvalue()
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("USBIP_KERNEL_CACHE")
+    if base:
+        return Path(base)
+    return Path(os.path.expanduser("~")) / ".cache" / "cyusbip-kernel"
+
+
+def build_initramfs(ver: str, *, force: bool = False) -> Path:
+    """Build (once, cached) the busybox initramfs for kernel ``ver``."""
+    busybox = _busybox()
+    if busybox is None:
+        raise GuestError("static busybox not found (apt-get install busybox-static)")
+    modules = _resolve_modules(ver, INITRAMFS_MODULES)
+    h = hashlib.sha256()
+    h.update(INIT_SCRIPT.encode())
+    h.update("\n".join(modules).encode())
+    for p in [busybox] + [f"/lib/modules/{ver}/{m}" for m in modules]:
+        st = os.stat(p)
+        h.update(f"{p}:{st.st_size}:{st.st_mtime_ns}".encode())
+    out = cache_dir() / ver / f"initramfs-{h.hexdigest()[:16]}.cpio.gz"
+    if out.exists() and not force:
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    cpio = _Cpio()
+    for d in (
+        "bin",
+        "sbin",
+        "dev",
+        "proc",
+        "sys",
+        "lib",
+        "lib/modules",
+        "lower",
+        "upper",
+        "newroot",
+        "usr",
+        "usr/bin",
+        "usr/sbin",
+    ):
+        cpio.dir(d)
+    cpio.chardev("dev/console", 5, 1)
+    cpio.chardev("dev/null", 1, 3)
+    with open(busybox, "rb") as fh:
+        cpio.file("bin/busybox", fh.read(), 0o755)
+    cpio.file("init", INIT_SCRIPT.encode(), 0o755)
+    names = []
+    for m in modules:
+        name = _module_name(m) + ".ko"
+        cpio.file(f"lib/modules/{name}", _read_module(f"/lib/modules/{ver}/{m}"))
+        names.append(name)
+    cpio.file("modules.order", ("\n".join(names) + "\n").encode())
+    data = gzip.compress(cpio.finish(), compresslevel=6)
+    tmp = out.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, out)
+    # drop stale images for this kernel (not fresh ones: another session
+    # with a different harness version may be about to boot one)
+    for old in out.parent.glob("initramfs-*.cpio.gz"):
+        try:
+            if old != out and time.time() - old.stat().st_mtime > 3600:
+                old.unlink()
+        except OSError:
+            pass
+    return out
+
+
+# --------------------------------------------------------------------------
+# guest agent (runs as PID 1 inside the guest; stdlib only)
+
+
+AGENT_SOURCE = r"""
+import base64, ctypes, json, os, signal, subprocess, sys, time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+with open(os.path.join(HERE, "config.json")) as fh:
+    CFG = json.load(fh)
+ENV = dict(CFG["env"])
+RUNDIR = "/run/cyusbip"
+
+
+def log(msg):
+    try:
+        with open("/dev/console", "w") as c:
+            with open("/proc/uptime") as u:
+                up = u.read().split()[0]
+            c.write("[%s] cyusbip-agent: %s\n" % (up, msg))
+    except OSError:
+        pass
+
+
+def setup():
+    log("agent started")
+    os.makedirs(RUNDIR, exist_ok=True)
+    with open("/dev/console", "w") as con:
+        p = subprocess.run(["/bin/sh", "-c", CFG["setup"]], stdin=subprocess.DEVNULL,
+                           stdout=con, stderr=con, env=ENV, cwd="/", timeout=120)
+    log("setup rc=%d" % p.returncode)
+
+
+def find_port():
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        base = "/sys/class/virtio-ports"
+        if os.path.isdir(base):
+            for d in sorted(os.listdir(base)):
+                try:
+                    with open(os.path.join(base, d, "name")) as fh:
+                        if fh.read().strip() == CFG["port"]:
+                            dev = "/dev/" + d
+                            if os.path.exists(dev):
+                                return dev
+                except OSError:
+                    pass
+        time.sleep(0.1)
+    raise SystemExit("virtio port %s not found" % CFG["port"])
+
+
+class Chan:
+    def __init__(self, path):
+        self.fd = os.open(path, os.O_RDWR)
+        self.buf = b""
+
+    def send(self, obj):
+        data = (json.dumps(obj) + "\n").encode()
+        while data:
+            n = os.write(self.fd, data)
+            data = data[n:]
+
+    def recv(self):
+        while b"\n" not in self.buf:
+            chunk = os.read(self.fd, 65536)
+            if not chunk:  # host not connected
+                time.sleep(0.05)
+                continue
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(line)
+
+
+def do_run(req):
+    t0 = time.time()
+    outpath = os.path.join(RUNDIR, "cmd-%s.out" % req["id"])
+    env = dict(ENV)
+    env.update(req.get("env") or {})
+    timed_out = False
+    with open(outpath, "wb") as out:
+        p = subprocess.Popen(["/bin/sh", "-c", req["cmd"]], stdin=subprocess.DEVNULL,
+                             stdout=out, stderr=subprocess.STDOUT, env=env,
+                             cwd=req.get("cwd") or "/", start_new_session=True)
+        try:
+            rc = p.wait(timeout=req.get("timeout") or None)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except OSError:
+                pass
+            rc = p.wait()
+    with open(outpath, "rb") as fh:
+        data = fh.read(int(CFG.get("max_output", 16 << 20)))
+    os.unlink(outpath)
+    return {"rc": rc, "out": base64.b64encode(data).decode(), "timed_out": timed_out,
+            "duration": time.time() - t0}
+
+
+def do_bg(req):
+    logpath = req.get("log") or os.path.join(RUNDIR, "bg-%s.log" % req["id"])
+    env = dict(ENV)
+    env.update(req.get("env") or {})
+    with open(logpath, "ab") as out:
+        p = subprocess.Popen(["/bin/sh", "-c", req["cmd"]], stdin=subprocess.DEVNULL,
+                             stdout=out, stderr=subprocess.STDOUT, env=env,
+                             cwd=req.get("cwd") or "/", start_new_session=True)
+    BG[p.pid] = p
+    return {"pid": p.pid, "log": logpath}
+
+
+def do_write(req):
+    data = base64.b64decode(req["data"])
+    with open(req["path"], "ab" if req.get("append") else "wb") as fh:
+        fh.write(data)
+    if req.get("mode") is not None:
+        os.chmod(req["path"], req["mode"])
+    return {}
+
+
+def do_read(req):
+    with open(req["path"], "rb") as fh:
+        return {"data": base64.b64encode(fh.read()).decode()}
+
+
+BG = {}
+
+
+def agent():
+    setup()
+    chan = Chan(find_port())
+    chan.send({"hello": True, "uname": os.uname().release, "pid": os.getpid()})
+    log("ready")
+    ops = {"run": do_run, "bg": do_bg, "write": do_write, "read": do_read,
+           "ping": lambda r: {}}
+    while True:
+        req = chan.recv()
+        # reap finished background jobs started by us
+        for pid, p in list(BG.items()):
+            if p.poll() is not None:
+                del BG[pid]
+        op = req.get("op")
+        if op == "poweroff":
+            chan.send({"id": req.get("id"), "ok": True})
+            return 0
+        try:
+            res = ops[op](req)
+            res["ok"] = True
+        except Exception as exc:  # report, keep serving
+            res = {"ok": False, "error": "%s: %s" % (type(exc).__name__, exc)}
+        res["id"] = req.get("id")
+        chan.send(res)
+
+
+def poweroff():
+    try:
+        os.sync()
+    except OSError:
+        pass
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.reboot(0x4321FEDC)  # RB_POWER_OFF
+    time.sleep(5)
+    os._exit(1)
+
+
+def main():
+    if os.getpid() != 1:
+        sys.exit(agent())
+    # PID 1: fork the agent, reap every orphan, power off when the agent ends
+    child = os.fork()
+    if child == 0:
+        rc = 1
+        try:
+            rc = agent()
+        except BaseException as exc:
+            log("agent crashed: %r" % (exc,))
+            import traceback
+            try:
+                with open("/dev/console", "w") as c:
+                    traceback.print_exc(file=c)
+            except OSError:
+                pass
+        os._exit(rc or 0)
+    while True:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        if pid == child:
+            log("agent exited with status %d, powering off" % status)
+            break
+    poweroff()
+
+
+main()
+"""
+
+
+def _setup_script(extra: str = "") -> str:
+    return f"""
+set +e
+modprobe configfs 2>/dev/null
+mkdir -p /dev/pts /dev/shm /run/lock /run/cyusbip
+mountpoint -q /sys/kernel/config || mount -t configfs configfs /sys/kernel/config
+mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts
+mount -t tmpfs -o mode=1777 tmpfs /dev/shm
+mountpoint -q /sys/kernel/debug || mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
+[ -e /dev/fd ] || ln -s /proc/self/fd /dev/fd
+[ -e /dev/stdin ] || ln -s /proc/self/fd/0 /dev/stdin
+[ -e /dev/stdout ] || ln -s /proc/self/fd/1 /dev/stdout
+[ -e /dev/stderr ] || ln -s /proc/self/fd/2 /dev/stderr
+hostname cyusbip-guest 2>/dev/null
+ip link set lo up
+ip link set eth0 up
+ip addr add 10.0.2.15/24 dev eth0
+ip route add default via 10.0.2.2
+{extra}
+true
+"""
+
+
+# --------------------------------------------------------------------------
+# host side
+
+
+_counter = itertools.count(1)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _set_pdeathsig() -> None:  # runs in the child between fork and exec
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+def _kill_proc(proc: subprocess.Popen | None) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        proc.kill()
+        proc.wait(timeout=10)
+    except Exception:
+        pass
+
+
+class Guest:
+    """A QEMU VM running the host's root filesystem on a USB-capable kernel.
+
+    Use as a context manager (boots on enter, always kills QEMU on exit)::
+
+        with Guest() as g:
+            assert g.run("uname -r").out.strip() == g.kernel_version
+    """
+
+    def __init__(
+        self,
+        *,
+        kernel_version: str | None = None,
+        memory: int | None = None,
+        smp: int | None = None,
+        boot_timeout: float | None = None,
+        hostfwd: Sequence[int | tuple[int, int]] = (),
+        accel: str | None = None,
+        extra_setup: str = "",
+        extra_qemu_args: Sequence[str] = (),
+        python: str | None = None,
+        run_dir: str | os.PathLike | None = None,
+    ) -> None:
+        """
+        hostfwd: guest TCP ports to forward from the host's 127.0.0.1; an int
+            G picks a free host port, a tuple (H, G) uses host port H.  See
+            :meth:`host_port`.
+        extra_setup: shell snippet run in the guest at the end of its setup.
+        run_dir: host directory for console.log, qemu.log and share/
+            (default: a new directory under the cache dir, last 5 kept).
+        """
+        if kernel_version is None:
+            kernel_version, image = find_kernel()
+        else:
+            image = f"/boot/vmlinuz-{kernel_version}"
+        self.kernel_version = kernel_version
+        self.kernel_image = image
+        self.memory = int(memory or os.environ.get("USBIP_KERNEL_MEMORY", 1536))
+        self.smp = int(smp or os.environ.get("USBIP_KERNEL_SMP", 2))
+        self.boot_timeout = float(boot_timeout or os.environ.get("USBIP_KERNEL_BOOT_TIMEOUT", 180))
+        self.accel = accel or os.environ.get("USBIP_QEMU_ACCEL", "tcg")
+        self.extra_setup = extra_setup
+        self.extra_qemu_args = list(extra_qemu_args)
+        # the interpreter running the tests (venv-aware: not realpath'ed, so
+        # a venv's site-packages are used); the agent uses the same one
+        self.python = python or sys.executable
+        self.forwards: dict[int, int] = {}
+        for fwd in hostfwd:
+            if isinstance(fwd, int):
+                self.forwards[fwd] = _free_port()
+            else:
+                h, g = fwd
+                self.forwards[int(g)] = int(h) or _free_port()
+
+        if run_dir is None:
+            runs = cache_dir() / "runs"
+            runs.mkdir(parents=True, exist_ok=True)
+            self._prune_runs(runs, keep=10)
+            run_dir = runs / time.strftime(f"%Y%m%d-%H%M%S-{os.getpid()}-{next(_counter)}")
+        self.run_dir = Path(run_dir)
+        self.share_dir = self.run_dir / "share"
+        self.console_log = self.run_dir / "console.log"
+        self.qemu_log = self.run_dir / "qemu.log"
+        self.boot_time: float | None = None
+
+        self._proc: subprocess.Popen | None = None
+        self._sock: socket.socket | None = None
+        self._listener: socket.socket | None = None
+        self._sockdir: str | None = None
+        self._buf = b""
+        self._lock = threading.RLock()
+        self._ids = itertools.count(1)
+        self._finalizer = None
+
+    # -- lifecycle ---------------------------------------------------------
+
+    @staticmethod
+    def _prune_runs(runs: Path, keep: int, min_age: float = 6 * 3600) -> None:
+        """Delete old run dirs beyond the newest ``keep`` (never recent ones:
+        a concurrent session may still be using its share)."""
+        try:
+            dirs = sorted((p for p in runs.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
+        except OSError:
+            return
+        now = time.time()
+        for old in dirs[:-keep] if keep else dirs:
+            try:
+                if now - old.stat().st_mtime > min_age:
+                    shutil.rmtree(old, ignore_errors=True)
+            except OSError:
+                pass
+
+    def __enter__(self) -> Guest:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    @property
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def qemu_command(self, initrd: Path, sock_path: str) -> list[str]:
+        qemu = _qemu_binary()
+        if qemu is None:
+            raise GuestError("qemu-system-x86_64 not found")
+        netdev = "user,id=n0"
+        for g, h in self.forwards.items():
+            netdev += f",hostfwd=tcp:127.0.0.1:{h}-:{g}"
+        append = " ".join(
+            [
+                "console=ttyS0",
+                "panic=-1",
+                "quiet",
+                "loglevel=4",
+                "rdinit=/init",
+                "8250.nr_uarts=1",
+                "tsc=reliable",
+                "no_timer_check",
+                f"cyusbip_python={self.python}",
+            ]
+        )
+        return [
+            qemu,
+            "-nodefaults",
+            "-no-user-config",
+            "-accel",
+            self.accel,
+            "-m",
+            str(self.memory),
+            "-smp",
+            str(self.smp),
+            "-display",
+            "none",
+            "-vga",
+            "none",
+            "-monitor",
+            "none",
+            "-no-reboot",
+            "-kernel",
+            self.kernel_image,
+            "-initrd",
+            str(initrd),
+            "-append",
+            append,
+            "-chardev",
+            f"file,id=con0,path={self.console_log}",
+            "-serial",
+            "chardev:con0",
+            "-fsdev",
+            "local,id=root,path=/,readonly=on,security_model=none,multidevs=remap",
+            "-device",
+            "virtio-9p-pci,fsdev=root,mount_tag=hostroot",
+            "-fsdev",
+            f"local,id=share,path={self.share_dir},security_model=none,multidevs=remap",
+            "-device",
+            "virtio-9p-pci,fsdev=share,mount_tag=share",
+            "-netdev",
+            netdev,
+            "-device",
+            "virtio-net-pci,netdev=n0",
+            "-chardev",
+            f"socket,id=agent0,path={sock_path}",
+            "-device",
+            "virtio-serial-pci",
+            "-device",
+            f"virtserialport,chardev=agent0,name={AGENT_PORT_NAME}",
+            *self.extra_qemu_args,
+        ]
+
+    def start(self) -> Guest:
+        if self._proc is not None:
+            raise GuestError("guest already started")
+        t0 = time.monotonic()
+        initrd = build_initramfs(self.kernel_version)
+        self.share_dir.mkdir(parents=True, exist_ok=True)
+        (self.share_dir / "agent.py").write_text(AGENT_SOURCE)
+        env = {
+            "PATH": GUEST_PATH,
+            "CYUSBIP_PYTHON": self.python,
+            "HOME": "/root",
+            "LANG": "C.UTF-8",
+            "TERM": "dumb",
+            "PYTHONDONTWRITEBYTECODE": "1",
+        }
+        config = {
+            "env": env,
+            "port": AGENT_PORT_NAME,
+            "setup": _setup_script(self.extra_setup),
+        }
+        (self.share_dir / "config.json").write_text(json.dumps(config))
+
+        self._sockdir = tempfile.mkdtemp(prefix="cyusbip-vm-")
+        sock_path = os.path.join(self._sockdir, "agent.sock")
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(sock_path)
+        self._listener.listen(1)
+
+        cmd = self.qemu_command(initrd, sock_path)
+        (self.run_dir / "qemu.cmd").write_text(" ".join(cmd) + "\n")
+        self.console_log.touch()
+        with open(self.qemu_log, "wb") as qlog:
+            self._proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=qlog,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_set_pdeathsig,
+                close_fds=True,
+            )
+        self._finalizer = weakref.finalize(self, _kill_proc, self._proc)
+        try:
+            self._accept(t0 + self.boot_timeout)
+            hello = self._recv(t0 + self.boot_timeout, what="boot")
+        except BaseException:
+            self.shutdown(graceful=False)
+            raise
+        if not hello.get("hello"):
+            self.shutdown(graceful=False)
+            raise GuestError(f"unexpected first message from guest agent: {hello!r}")
+        self.boot_time = time.monotonic() - t0
+        return self
+
+    def _accept(self, deadline: float) -> None:
+        assert self._listener is not None
+        self._listener.settimeout(0.5)
+        while True:
+            self._check_alive("boot")
+            if time.monotonic() > deadline:
+                raise GuestTimeout(self._msg("QEMU did not connect to the agent socket"))
+            try:
+                conn, _ = self._listener.accept()
+                break
+            except TimeoutError:
+                continue
+        self._listener.close()
+        self._listener = None
+        conn.settimeout(0.5)
+        self._sock = conn
+
+    def shutdown(self, timeout: float = 20.0, graceful: bool = True) -> None:
+        """Power the guest off (best effort), always making sure QEMU is dead."""
+        with self._lock:
+            proc = self._proc
+            if proc is not None and proc.poll() is None and graceful and self._sock:
+                try:
+                    self._request({"op": "poweroff"}, timeout=10)
+                except GuestError:
+                    pass
+                try:
+                    proc.wait(timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    pass
+            _kill_proc(proc)
+            for s in (self._sock, self._listener):
+                if s is not None:
+                    try:
+                        s.close()
+                    except OSError:
+                        pass
+            self._sock = self._listener = None
+            if self._sockdir:
+                shutil.rmtree(self._sockdir, ignore_errors=True)
+                self._sockdir = None
+            if self._finalizer is not None:
+                self._finalizer.detach()
+                self._finalizer = None
+
+    # -- diagnostics -------------------------------------------------------
+
+    def console_tail(self, lines: int = 40) -> str:
+        try:
+            data = self.console_log.read_bytes()[-65536:]
+        except OSError:
+            return ""
+        return "\n".join(data.decode(errors="replace").splitlines()[-lines:])
+
+    def _msg(self, what: str) -> str:
+        qlog = ""
+        try:
+            qlog = self.qemu_log.read_text(errors="replace")[-2000:]
+        except OSError:
+            pass
+        rc = self._proc.poll() if self._proc else None
+        return (
+            f"{what} (qemu rc={rc}, run dir {self.run_dir})\n"
+            f"--- last console lines ({self.console_log}) ---\n{self.console_tail()}"
+            + (f"\n--- qemu output ---\n{qlog}" if qlog.strip() else "")
+        )
+
+    def _check_alive(self, what: str) -> None:
+        if self._proc is None:
+            raise GuestError("guest not started")
+        if self._proc.poll() is not None:
+            # give the console file a moment to be flushed
+            time.sleep(0.2)
+            raise GuestDied(self._msg(f"guest died during {what}"))
+
+    # -- channel -----------------------------------------------------------
+
+    def _recv(self, deadline: float, what: str) -> dict:
+        while b"\n" not in self._buf:
+            self._check_alive(what)
+            if time.monotonic() > deadline:
+                raise GuestTimeout(self._msg(f"timeout waiting for the guest ({what})"))
+            if self._sock is None:
+                raise GuestError("guest channel closed")
+            try:
+                chunk = self._sock.recv(1 << 20)
+            except TimeoutError:
+                continue
+            except OSError as exc:
+                raise GuestDied(self._msg(f"guest channel error during {what}: {exc}")) from exc
+            if not chunk:
+                self._sock.close()
+                self._sock = None
+                time.sleep(0.5)
+                self._check_alive(what)
+                raise GuestDied(self._msg(f"guest channel closed during {what}"))
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        return json.loads(line)
+
+    def _request(self, req: dict, timeout: float) -> dict:
+        with self._lock:
+            if self._sock is None:
+                self._check_alive("request")
+                raise GuestError("guest channel is closed")
+            req = dict(req, id=next(self._ids))
+            self._check_alive(req["op"])
+            self._sock.sendall((json.dumps(req) + "\n").encode())
+            deadline = time.monotonic() + timeout
+            while True:
+                resp = self._recv(deadline, what=f"{req['op']} {req.get('cmd', '')!r}")
+                if resp.get("id") == req["id"]:
+                    break
+            if not resp.get("ok", False):
+                raise GuestError(f"guest agent error for {req['op']}: {resp.get('error')}")
+            return resp
+
+    # -- public API ----------------------------------------------------------
+
+    def run(
+        self,
+        cmd: str,
+        timeout: float = 60,
+        *,
+        check: bool = False,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> Result:
+        """Run ``cmd`` with /bin/sh -c as root in the guest; stdout+stderr combined.
+
+        On timeout the command's process group is killed and CommandTimeout
+        is raised (``exc.result`` has the partial output).  ``check=True``
+        raises CommandFailed on rc != 0.
+        """
+        resp = self._request(
+            {"op": "run", "cmd": cmd, "timeout": timeout, "cwd": cwd, "env": dict(env or {})},
+            timeout=timeout + 30 + 5 * (self.smp == 1),
+        )
+        raw = base64.b64decode(resp["out"])
+        result = Result(
+            rc=resp["rc"],
+            out=raw.decode(errors="replace"),
+            cmd=cmd,
+            raw=raw,
+            duration=resp.get("duration", 0.0),
+            timed_out=resp.get("timed_out", False),
+        )
+        if result.timed_out:
+            raise CommandTimeout(
+                f"guest command timed out after {timeout}s: {cmd!r}\n--- partial output ---\n{result.out}", result
+            )
+        if check:
+            result.check()
+        return result
+
+    def check(self, cmd: str, timeout: float = 60, **kw) -> str:
+        """``run(cmd, check=True)`` and return the output."""
+        return self.run(cmd, timeout, check=True, **kw).out
+
+    def start_background(
+        self,
+        cmd: str,
+        log: str | None = None,
+        *,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> tuple[int, str]:
+        """Start ``cmd`` in its own session in the guest; returns (pid, log path).
+
+        Output goes (appended) to ``log`` (default /run/cyusbip/bg-<n>.log in
+        the guest).  Stop it with ``guest.run(f"kill {pid}")``.
+        """
+        resp = self._request(
+            {"op": "bg", "cmd": cmd, "log": log, "cwd": cwd, "env": dict(env or {})},
+            timeout=60,
+        )
+        return resp["pid"], resp["log"]
+
+    def write_file(self, path: str, data: bytes | str, mode: int | None = None, append: bool = False) -> None:
+        """Write a file in the guest (e.g. a sysfs/configfs attribute)."""
+        if isinstance(data, str):
+            data = data.encode()
+        self._request(
+            {"op": "write", "path": path, "mode": mode, "append": append, "data": base64.b64encode(data).decode()},
+            timeout=60,
+        )
+
+    def read_file(self, path: str) -> bytes:
+        """Read a file in the guest."""
+        resp = self._request({"op": "read", "path": path}, timeout=60)
+        return base64.b64decode(resp["data"])
+
+    def run_python(
+        self,
+        code: str,
+        timeout: float = 60,
+        *,
+        check: bool = False,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        args: Sequence[str] = (),
+    ) -> Result:
+        """Run ``code`` with the host's Python (``self.python``, the one
+        running the tests: same venv/site-packages) in the guest.  The code
+        goes through a file in the share, so no quoting is needed."""
+        name = f"snippet-{next(_counter)}.py"
+        (self.share_dir / name).write_text(code)
+        argv = " ".join(shlex.quote(a) for a in args)
+        try:
+            return self.run(
+                f"{shlex.quote(self.python)} {GUEST_SHARE}/{name} {argv}", timeout, check=check, cwd=cwd, env=env
+            )
+        finally:
+            try:
+                (self.share_dir / name).unlink()
+            except OSError:
+                pass
+
+    def ping(self, timeout: float = 30) -> float:
+        """Round-trip time of a no-op request."""
+        t0 = time.monotonic()
+        self._request({"op": "ping"}, timeout=timeout)
+        return time.monotonic() - t0
+
+    def host_port(self, guest_port: int) -> int:
+        """Host port (on 127.0.0.1) forwarded to ``guest_port`` in the guest."""
+        try:
+            return self.forwards[guest_port]
+        except KeyError:
+            raise GuestError(f"guest port {guest_port} is not forwarded (Guest(hostfwd=[...]))") from None
+
+    def guest_path(self, host_share_path: str | os.PathLike) -> str:
+        """Translate a path inside ``share_dir`` to the guest's path."""
+        rel = Path(host_share_path).resolve().relative_to(self.share_dir.resolve())
+        return f"{GUEST_SHARE}/{rel}"
+
+
+if __name__ == "__main__":  # manual smoke test: python3 tests/kernel/harness.py [cmd]
+    reason = skip_reason()
+    if reason:
+        print("cannot run:", reason)
+        sys.exit(2)
+    t = time.monotonic()
+    with Guest() as g:
+        print(f"booted {g.kernel_version} in {g.boot_time:.1f}s; run dir {g.run_dir}")
+        r = g.run(" ".join(sys.argv[1:]) or "uname -a; mount | head -20; ip addr")
+        print(r)
+    print(f"total {time.monotonic() - t:.1f}s")
