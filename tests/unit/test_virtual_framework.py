@@ -123,6 +123,10 @@ def test_super_speed_bos_and_companions():
 
 def test_configuration_and_interfaces():
     dev = LoopbackDevice()
+    # exported configured, as usbip-host hands over a device its USB core configured
+    assert dev.configuration_value == 1
+    assert bulk_in(dev, 1, 512).status == 0
+    assert control(dev, 0x00, 0x09, 0, 0, 0)[0] == 0  # SET_CONFIGURATION(0)
     assert dev.configuration_value == 0
     assert control(dev, 0x80, 0x08, 0, 0, 1) == (0, b"\x00")
     assert bulk_in(dev, 1, 512).status == ENOENT  # unconfigured: no endpoint

@@ -50,8 +50,8 @@ class Server:
         registry: Registry | None = None,
     ) -> None:
         self.registry = registry or Registry()
-        for dev in devices:
-            self.registry.add_virtual(dev) if not getattr(dev, "busid", None) else self.registry.add(dev)
+        for dev in devices:  # devices given here are virtual: they get busids 100-1, 100-2, ...
+            self.registry.add_virtual(dev)
         self.host = host
         self.port = port
         self.family = family

@@ -486,6 +486,11 @@ class VirtualDevice(Device):
         else:
             self._other_speed = []
         self._bos = bos_descriptor(speed) if speed >= Speed.SUPER else b""
+        # Start configured, as the server host's USB core leaves a device the kernel stub exports
+        # (usbip-host hands over a configured device; vhci's own SET_CONFIGURATION then re-selects it).
+        if self.configurations:
+            self._config = self.configurations[0]
+            self._alts = {n: 0 for n in self._config.interface_numbers()}
         self._rebuild()
 
     def string_index(self, text: str | None) -> int:
