@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     ub = sub.add_parser("unbind", help="stop exporting a local device")
     ub.add_argument("-b", "--busid", required=True)
 
+    be = sub.add_parser("bench", help="benchmark a remote device with this client (control latency, bulk IN/OUT)")
+    be.add_argument("-r", "--remote", metavar="HOST", required=True)
+    be.add_argument("-b", "--busid", required=True)
+    be.add_argument("--seconds", type=float, default=None, metavar="S", help="measured seconds per case (default 1)")
+    be.add_argument("--quick", action="store_true", help="0.1 s per case: a smoke test, not a measurement")
+
     sub.add_parser("version", help="print the version")
     return p
 
@@ -152,6 +158,12 @@ def cmd_bind(args: argparse.Namespace) -> int:
     return bind_command(args.busid, bind=args.command == "bind", as_json=args.json)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from ..bench import bench_command
+
+    return bench_command(args.remote, args.tcp_port, args.busid, args.seconds, args.quick, args.json)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -169,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         "port": cmd_port,
         "bind": cmd_bind,
         "unbind": cmd_bind,
+        "bench": cmd_bench,
     }[args.command]
     try:
         return handler(args)

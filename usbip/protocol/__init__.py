@@ -34,6 +34,9 @@ pack_ret_submit = codec.pack_ret_submit
 pack_cmd_unlink = codec.pack_cmd_unlink
 pack_ret_unlink = codec.pack_ret_unlink
 unpack_header = codec.unpack_header
+Urb = codec.Urb
+urb_from_submit = codec.urb_from_submit
+ret_submit_header = codec.ret_submit_header
 
 __all__ = [
     "IMPLEMENTATION",
@@ -47,9 +50,12 @@ __all__ = [
     "ProtocolError",
     "RetSubmit",
     "RetUnlink",
+    "Urb",
     "pack_cmd_submit",
     "pack_cmd_unlink",
     "pack_ret_submit",
     "pack_ret_unlink",
+    "ret_submit_header",
     "unpack_header",
+    "urb_from_submit",
 ]

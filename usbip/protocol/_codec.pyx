@@ -687,3 +687,87 @@ cdef class Decoder:
             raise self._fail(str(exc)) from None
         msg.iso = iso
         return 0
+
+
+# ---------------------------------------------------------------- the URB a device is handed
+cdef class Urb:
+    """One USB request block as the server hands it to a device (twin of codec.Urb).
+
+    ``buffer`` is the transfer buffer: for OUT the bytes the client sent, for IN a
+    writable buffer of ``transfer_buffer_length`` bytes the device fills. ``iso``
+    holds the isochronous packet descriptors or None. Complete it exactly once
+    with :meth:`complete`.
+    """
+    cdef public uint32_t seqnum, ep, direction, transfer_flags
+    cdef public int32_t transfer_buffer_length, start_frame, number_of_packets, interval
+    cdef public int32_t status, actual_length, error_count
+    cdef public object setup, buffer, iso, on_complete, context
+    cdef public bint done, cancelled
+    cdef public int64_t unlink_seqnum
+
+    def __init__(self, uint32_t seqnum, uint32_t ep, uint32_t direction, int32_t transfer_buffer_length, buffer,
+                 setup=_ZERO_SETUP, uint32_t transfer_flags=0, int32_t start_frame=0, int32_t number_of_packets=0,
+                 int32_t interval=0, iso=None, on_complete=None):
+        self.seqnum = seqnum
+        self.ep = ep
+        self.direction = direction
+        self.transfer_flags = transfer_flags
+        self.transfer_buffer_length = transfer_buffer_length
+        self.start_frame = start_frame
+        self.number_of_packets = number_of_packets
+        self.interval = interval
+        self.setup = setup
+        self.buffer = buffer
+        self.iso = iso
+        self.on_complete = on_complete
+        self.unlink_seqnum = -1
+
+    @property
+    def is_in(self):
+        return self.direction == 1
+
+    cpdef complete(self, int32_t status=0, object actual_length=None):
+        """Finish this URB (exactly once; later calls are ignored)."""
+        if self.done:
+            return
+        self.done = True
+        self.status = status
+        if actual_length is not None:
+            self.actual_length = actual_length
+        cb = self.on_complete
+        if cb is not None:
+            cb(self)
+
+    def __repr__(self):
+        d = "IN" if self.direction == 1 else "OUT"
+        return f"<Urb seq={self.seqnum} ep={self.ep} {d} len={self.transfer_buffer_length} status={self.status}>"
+
+
+def urb_from_submit(CmdSubmit msg, buffer, on_complete):
+    """The server's Urb for a decoded CMD_SUBMIT (``buffer``: OUT data or the IN buffer)."""
+    cdef Urb u = Urb.__new__(Urb)
+    u.seqnum = msg.seqnum
+    u.ep = msg.ep
+    u.direction = msg.direction
+    u.transfer_flags = msg.transfer_flags
+    u.transfer_buffer_length = msg.transfer_buffer_length
+    u.start_frame = msg.start_frame
+    u.number_of_packets = msg.number_of_packets
+    u.interval = msg.interval
+    u.setup = msg.setup
+    u.buffer = buffer
+    u.iso = msg.iso
+    u.on_complete = on_complete
+    u.unlink_seqnum = -1
+    return u
+
+
+def ret_submit_header(Urb urb, int32_t actual_length, int32_t number_of_packets, int32_t error_count):
+    """A fresh 48-byte RET_SUBMIT header for ``urb`` (status and start_frame from it)."""
+    cdef bytearray hdr = bytearray(HEADER_SIZE)
+    cdef uint32_t w[10]
+    w[0] = RET_SUBMIT; w[1] = urb.seqnum; w[2] = 0; w[3] = 0; w[4] = 0
+    w[5] = <uint32_t>urb.status; w[6] = <uint32_t>actual_length; w[7] = <uint32_t>urb.start_frame
+    w[8] = <uint32_t>number_of_packets; w[9] = <uint32_t>error_count
+    usbip_pack_words(<unsigned char *>PyByteArray_AS_STRING(hdr), w, NULL)
+    return hdr

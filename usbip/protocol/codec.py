@@ -10,7 +10,7 @@ integer except the 8-byte setup packet, which travels exactly as on USB.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from .constants import (
     DEFAULT_MAX_TRANSFER,
@@ -641,18 +641,146 @@ class Decoder:
         msg.iso = iso  # type: ignore[union-attr]
 
 
+# ---------------------------------------------------------------- the URB a device is handed
+class Urb:
+    """One USB request block as the server hands it to a device.
+
+    ``buffer`` is the transfer buffer: for OUT the bytes the client sent, for IN a
+    writable buffer of ``transfer_buffer_length`` bytes the device fills (and
+    reports how much through ``actual_length``). ``iso`` holds the isochronous
+    packet descriptors (offsets/lengths in, actual_length/status out) or None.
+    """
+
+    __slots__ = (
+        "actual_length",
+        "buffer",
+        "cancelled",
+        "context",
+        "direction",
+        "done",
+        "ep",
+        "error_count",
+        "interval",
+        "iso",
+        "number_of_packets",
+        "on_complete",
+        "seqnum",
+        "setup",
+        "start_frame",
+        "status",
+        "transfer_buffer_length",
+        "transfer_flags",
+        "unlink_seqnum",
+    )
+
+    def __init__(
+        self,
+        seqnum: int,
+        ep: int,
+        direction: int,
+        transfer_buffer_length: int,
+        buffer: memoryview | bytearray | bytes,
+        setup: bytes = b"\0" * 8,
+        transfer_flags: int = 0,
+        start_frame: int = 0,
+        number_of_packets: int = 0,
+        interval: int = 0,
+        iso: IsoPackets | None = None,
+        on_complete: Callable[[Urb], None] | None = None,
+    ) -> None:
+        self.seqnum = seqnum
+        self.ep = ep
+        self.direction = direction
+        self.transfer_flags = transfer_flags
+        self.transfer_buffer_length = transfer_buffer_length
+        self.start_frame = start_frame
+        self.number_of_packets = number_of_packets
+        self.interval = interval
+        self.setup = setup
+        self.buffer = buffer
+        self.iso = iso
+        self.status = 0
+        self.actual_length = 0
+        self.error_count = 0
+        self.on_complete = on_complete
+        self.done = False
+        self.cancelled = False
+        self.unlink_seqnum = -1  # seqnum of the CMD_UNLINK that cancelled it (server bookkeeping)
+        self.context: object = None  # for the device's own bookkeeping
+
+    @property
+    def is_in(self) -> bool:
+        return self.direction == USBIP_DIR_IN
+
+    def complete(self, status: int = 0, actual_length: int | None = None) -> None:
+        """Finish this URB (exactly once; later calls are ignored)."""
+        if self.done:
+            return
+        self.done = True
+        self.status = status
+        if actual_length is not None:
+            self.actual_length = actual_length
+        cb = self.on_complete
+        if cb is not None:
+            cb(self)
+
+    def __repr__(self) -> str:
+        d = "IN" if self.is_in else "OUT"
+        return f"<Urb seq={self.seqnum} ep={self.ep} {d} len={self.transfer_buffer_length} status={self.status}>"
+
+
+def urb_from_submit(msg: CmdSubmit, buffer: object, on_complete: Callable[[Urb], None] | None) -> Urb:
+    """The server's Urb for a decoded CMD_SUBMIT (``buffer``: OUT data or the IN buffer)."""
+    return Urb(
+        msg.seqnum,
+        msg.ep,
+        msg.direction,
+        msg.transfer_buffer_length,
+        buffer,  # type: ignore[arg-type]
+        msg.setup,
+        msg.transfer_flags,
+        msg.start_frame,
+        msg.number_of_packets,
+        msg.interval,
+        msg.iso,
+        on_complete,
+    )
+
+
+def ret_submit_header(urb: Urb, actual_length: int, number_of_packets: int, error_count: int) -> bytearray:
+    """A fresh 48-byte RET_SUBMIT header for ``urb`` (status and start_frame from it)."""
+    hdr = bytearray(HEADER_SIZE)
+    _RET_SUBMIT.pack_into(
+        hdr,
+        0,
+        USBIP_RET_SUBMIT,
+        urb.seqnum,
+        0,
+        0,
+        0,
+        urb.status,
+        actual_length,
+        urb.start_frame,
+        number_of_packets,
+        error_count,
+    )
+    return hdr
+
+
 __all__ = [
     "IMPLEMENTATION",
-    "USBIP_DIR_IN",
     "CmdSubmit",
     "CmdUnlink",
     "Decoder",
     "IsoPackets",
     "RetSubmit",
     "RetUnlink",
+    "Urb",
     "pack_cmd_submit",
     "pack_cmd_unlink",
     "pack_ret_submit",
     "pack_ret_unlink",
+    "ret_submit_header",
     "unpack_header",
+    "urb_from_submit",
 ]

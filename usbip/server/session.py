@@ -19,15 +19,17 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from ..device import Device, Urb
+from ..device import Device
 from ..pool import BufferPool
 from ..protocol import (
     HEADER_SIZE,
     ISO_DESC_SIZE,
     USBIP_DIR_IN,
     ProtocolError,
-    pack_ret_submit,
+    Urb,
     pack_ret_unlink,
+    ret_submit_header,
+    urb_from_submit,
 )
 from ..protocol.constants import (
     ECONNRESET,
@@ -84,7 +86,7 @@ class UrbSession:
         self.pending_bytes = 0
         self.closing = False
         self._idle: asyncio.Event | None = None
-        self._ep_types: dict[tuple[int, int], int | None] = {}
+        self._ep_cache: dict[int, tuple[int | None, int]] = {}
         self.submitted = 0
         self.completed = 0
 
@@ -100,62 +102,52 @@ class UrbSession:
                 self._unlink(msg)
 
     def endpoint_type(self, ep: int, direction: int) -> int | None:
-        key = (ep, direction)
+        return self._endpoint(ep, direction)[0]
+
+    def _endpoint(self, ep: int, direction: int) -> tuple[int | None, int]:
+        """(transfer type or None, allowed flag mask) of an endpoint, cached per configuration."""
+        key = ep << 1 | direction
         try:
-            return self._ep_types[key]
+            return self._ep_cache[key]
         except KeyError:
-            t = self._ep_types[key] = XFER_CONTROL if ep == 0 else self.device.endpoint_type(ep, direction)
-            return t
+            xfer = XFER_CONTROL if ep == 0 else self.device.endpoint_type(ep, direction) if ep < 16 else None
+            info = self._ep_cache[key] = (xfer, 0 if xfer is None else allowed_flags(xfer, direction == USBIP_DIR_IN))
+            return info
 
     def invalidate_endpoints(self) -> None:
         """Forget cached endpoint types (after SET_CONFIGURATION / SET_INTERFACE)."""
-        self._ep_types.clear()
+        self._ep_cache.clear()
 
     def _submit(self, msg: Any) -> None:
         seqnum = msg.seqnum
-        if seqnum in self.pending:
+        pending = self.pending
+        if seqnum in pending:
             raise ProtocolError(f"seqnum {seqnum} is already in flight")
-        if len(self.pending) >= MAX_PENDING:
+        if len(pending) >= MAX_PENDING:
             raise ProtocolError(f"more than {MAX_PENDING} URBs in flight")
-        direction = msg.direction
-        is_in = direction == USBIP_DIR_IN
-        tbl = msg.transfer_buffer_length
         ep = msg.ep
-        if is_in:
+        direction = msg.direction
+        if direction == USBIP_DIR_IN:
+            tbl = msg.transfer_buffer_length
             if self.pending_bytes + tbl > MAX_PENDING_BYTES:
                 raise ProtocolError(f"more than {MAX_PENDING_BYTES} bytes of IN buffers in flight")
-            buffer: Any = self.pool.acquire(tbl)
             self.pending_bytes += tbl
+            urb = urb_from_submit(msg, self.pool.acquire(tbl), self._completed)
         else:
-            buffer = msg.data
-        iso = msg.iso
-        urb = Urb(
-            seqnum,
-            ep,
-            direction,
-            tbl,
-            buffer,
-            msg.setup,
-            msg.transfer_flags,
-            msg.start_frame,
-            msg.number_of_packets,
-            msg.interval,
-            iso,
-            self._completed,
-        )
-        self.pending[seqnum] = urb
+            urb = urb_from_submit(msg, msg.data, self._completed)
+        pending[seqnum] = urb
         self.submitted += 1
-        xfer = self.endpoint_type(ep, direction) if ep < 16 else None
+        xfer, allowed = self._endpoint(ep, direction)
         if xfer is None:
             # usb_submit_urb() answers -ENOENT for an endpoint the device does not have
-            log.debug("seqnum %d: no endpoint %d %s", seqnum, ep, "IN" if is_in else "OUT")
+            log.debug("seqnum %d: no endpoint %d %s", seqnum, ep, "IN" if direction else "OUT")
             urb.complete(ENOENT, 0)
             return
-        if (xfer == XFER_ISOC) != (iso is not None):
+        if (xfer == XFER_ISOC) != (urb.iso is not None):
             log.debug("seqnum %d: iso descriptors do not match endpoint type %d", seqnum, xfer)
             urb.complete(EINVAL, 0)
             return
-        urb.transfer_flags &= allowed_flags(xfer, is_in)
+        urb.transfer_flags &= allowed
         if ep == 0 and msg.setup[0] == 0x23 and msg.setup[1] == 3 and msg.setup[2] == 4:
             # SET_FEATURE(PORT_RESET): the stub resets the device itself (stub_rx.c: tweak_reset_device_cmd)
             self.invalidate_endpoints()
@@ -196,37 +188,32 @@ class UrbSession:
         self.send([hdr], HEADER_SIZE)
 
     def _completed(self, urb: Urb) -> None:
-        self.pending.pop(urb.seqnum, None)
+        pending = self.pending
+        del pending[urb.seqnum]
         self.completed += 1
-        buffer = urb.buffer
         is_in = urb.direction == USBIP_DIR_IN
-        if is_in:
-            self.pending_bytes -= urb.transfer_buffer_length
-        try:
-            if self.closing:
-                return
+        if not self.closing:
             if urb.unlink_seqnum >= 0:
                 self._send_ret_unlink(urb.unlink_seqnum, urb.status)
-                return
-            self._send_ret_submit(urb, is_in)
-            if urb.ep == 0 and urb.setup[1] in (9, 11) and urb.setup[0] in (0, 1):
-                self.invalidate_endpoints()  # SET_CONFIGURATION / SET_INTERFACE
-        finally:
-            if is_in:
-                self.pool.release(buffer)
-            urb.buffer = b""
-            if self._idle is not None and not self.pending:
-                self._idle.set()
+            else:
+                self._send_ret_submit(urb, is_in)
+                if urb.ep == 0 and urb.setup[1] in (9, 11) and urb.setup[0] in (0, 1):
+                    self.invalidate_endpoints()  # SET_CONFIGURATION / SET_INTERFACE
+        if is_in:
+            self.pending_bytes -= urb.transfer_buffer_length
+            self.pool.release(urb.buffer)  # reused once the queued payload view is sent
+        urb.buffer = b""
+        if self._idle is not None and not pending:
+            self._idle.set()
 
     def _send_ret_submit(self, urb: Urb, is_in: bool) -> None:
         iso = urb.iso
-        actual = urb.actual_length
-        hdr = bytearray(HEADER_SIZE)
         if iso is None:
+            actual = urb.actual_length
             if actual < 0 or actual > urb.transfer_buffer_length:
                 log.error("device %s reported actual_length %d for %r", self.device.busid, actual, urb)
                 actual = max(0, min(actual, urb.transfer_buffer_length))
-            pack_ret_submit(hdr, 0, urb.seqnum, urb.status, actual, urb.start_frame, urb.number_of_packets, 0)
+            hdr = ret_submit_header(urb, actual, urb.number_of_packets, 0)
             if is_in and actual:
                 self.send([hdr, memoryview(urb.buffer)[:actual]], HEADER_SIZE + actual)
             else:
@@ -235,8 +222,7 @@ class UrbSession:
         # isochronous: actual_length is the sum of the packets' actual lengths (usbip_recv_iso checks it)
         n = len(iso)
         total = iso.total_actual()
-        errors = iso.error_count()
-        pack_ret_submit(hdr, 0, urb.seqnum, urb.status, total, urb.start_frame, n, errors)
+        hdr = ret_submit_header(urb, total, n, iso.error_count())
         descs = bytearray(n * ISO_DESC_SIZE)
         iso.pack_into(descs, 0)
         parts: list[Any] = [hdr]

@@ -1,0 +1,166 @@
+"""Local USB devices as Linux's sysfs names them (``/sys/bus/usb/devices/1-1.2``).
+
+The libusb backend enumerates through sysfs rather than ``libusb_get_device_list``:
+Debian's libusb is built with udev, and without a running udevd its cached
+device list never sees hotplug events. sysfs is always current, gives the
+busid exactly as Linux (and ``usbip list``) spells it, and holds the cached
+descriptors (the ``descriptors`` attribute: device descriptor, then every
+configuration descriptor), so listing never has to open a device.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+
+from ..protocol.constants import Speed
+from .state import DeviceIdentity
+
+SYSFS_USB = "/sys/bus/usb/devices"
+DEV_BUS_USB = "/dev/bus/usb"
+BUSID_RE = re.compile(r"^\d+-\d+(\.\d+)*$")  # devices, not root hubs (usbN) or interfaces (1-1:1.0)
+HUB_CLASS = 0x09
+
+#: sysfs ``speed`` attribute -> usbip speed
+SYSFS_SPEEDS = {
+    "1.5": Speed.LOW,
+    "12": Speed.FULL,
+    "480": Speed.HIGH,
+    "53.3-480": Speed.WIRELESS,
+    "5000": Speed.SUPER,
+    "10000": Speed.SUPER_PLUS,
+    "20000": Speed.SUPER_PLUS,
+}
+
+
+def busid_for(bus: int, ports: list[int] | tuple[int, ...]) -> str:
+    """Linux's name for a device: bus number, then the port path joined with dots (``1-1.2``)."""
+    if not ports:
+        return f"usb{bus}"  # a root hub
+    return f"{bus}-{'.'.join(str(p) for p in ports)}"
+
+
+def speed_from_sysfs(text: str) -> Speed:
+    return SYSFS_SPEEDS.get(text.strip(), Speed.UNKNOWN)
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
+
+
+def _read_bytes(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def _int(text: str, base: int = 10) -> int:
+    try:
+        return int(text, base)
+    except ValueError:
+        return 0
+
+
+@dataclass
+class SysfsDevice:
+    busid: str
+    sysfs_path: str  # resolved /sys/devices/... path (what the kernel's usbipd reports)
+    busnum: int
+    devnum: int
+    speed: Speed
+    vid: int
+    pid: int
+    serial: str
+    device_class: int
+    configuration_value: int
+    descriptors: bytes = field(repr=False)
+    drivers: list[str] = field(default_factory=list)
+
+    @property
+    def identity(self) -> DeviceIdentity:
+        return DeviceIdentity(self.busid, self.vid, self.pid, self.serial)
+
+    @property
+    def is_hub(self) -> bool:
+        return self.device_class == HUB_CLASS
+
+    @property
+    def node(self) -> str:
+        """The usbfs node libusb opens."""
+        return f"{DEV_BUS_USB}/{self.busnum:03d}/{self.devnum:03d}"
+
+    @property
+    def key(self) -> tuple[str, int, int]:
+        """Changes when the device is unplugged and plugged again (new devnum)."""
+        return (self.busid, self.busnum, self.devnum)
+
+
+def read_device(busid: str, root: str = SYSFS_USB) -> SysfsDevice | None:
+    d = os.path.join(root, busid)
+    if not os.path.isdir(d):
+        return None
+    descriptors = _read_bytes(os.path.join(d, "descriptors"))
+    drivers = []
+    try:
+        entries = sorted(os.listdir(d))
+    except OSError:
+        return None
+    for entry in entries:
+        if entry.startswith(busid + ":"):
+            link = os.path.join(d, entry, "driver")
+            if os.path.islink(link):
+                drivers.append(os.path.basename(os.readlink(link)))
+    return SysfsDevice(
+        busid=busid,
+        sysfs_path=os.path.realpath(d),
+        busnum=_int(_read(os.path.join(d, "busnum"))),
+        devnum=_int(_read(os.path.join(d, "devnum"))),
+        speed=speed_from_sysfs(_read(os.path.join(d, "speed"))),
+        vid=_int(_read(os.path.join(d, "idVendor")) or "0", 16),
+        pid=_int(_read(os.path.join(d, "idProduct")) or "0", 16),
+        serial=_read(os.path.join(d, "serial")),
+        device_class=_int(_read(os.path.join(d, "bDeviceClass")) or "0", 16),
+        configuration_value=_int(_read(os.path.join(d, "bConfigurationValue")) or "0"),
+        descriptors=descriptors,
+        drivers=drivers,
+    )
+
+
+def scan(root: str = SYSFS_USB, include_hubs: bool = False) -> list[SysfsDevice]:
+    """Every USB device under ``root`` (hubs only with include_hubs), by busid."""
+    try:
+        names = sorted(os.listdir(root))
+    except OSError:
+        return []
+    out = []
+    for busid in names:
+        if not BUSID_RE.match(busid):
+            continue
+        dev = read_device(busid, root)
+        if dev is None or (dev.is_hub and not include_hubs):
+            continue
+        out.append(dev)
+    return out
+
+
+def split_descriptors(blob: bytes) -> tuple[bytes, list[bytes]]:
+    """sysfs ``descriptors`` -> (device descriptor, [configuration descriptors])."""
+    dev = blob[:18]
+    configs = []
+    pos = 18
+    while pos + 4 <= len(blob):
+        if blob[pos + 1] != 2 or blob[pos] < 4:  # not a configuration descriptor: stop
+            break
+        total = blob[pos + 2] | (blob[pos + 3] << 8)
+        if total < blob[pos]:
+            break
+        configs.append(bytes(blob[pos : pos + total]))
+        pos += total
+    return bytes(dev), configs
