@@ -81,7 +81,16 @@ class PendingUrb:
     async def wait(self, timeout: float | None = None) -> UrbResult:
         try:
             return await asyncio.wait_for(asyncio.shield(self.future), timeout)
-        except (asyncio.CancelledError, asyncio.TimeoutError):
+        except asyncio.TimeoutError:
+            if not self.future.done():
+                await self.device._unlink(self)
+            if not self.future.done():  # the server never answered the unlink
+                raise
+            res = self.future.result()  # raises Disconnected if the connection ended meanwhile
+            if res.status == 0:  # it completed before the unlink reached the server: keep the data
+                return res
+            raise transfer_error(res.status, res.actual_length, res.data) from None  # Cancelled (-ECONNRESET)
+        except asyncio.CancelledError:
             if not self.future.done():
                 await self.device._unlink(self)
             raise

@@ -559,6 +559,11 @@ class VirtualDevice(Device):
         else:
             urb.complete(ECONNRESET, 0)
 
+    async def close(self) -> None:
+        """The importing client is gone: reset, as the kernel stub resets a device whose
+        connection went down (stub_dev.c: SDEV_EVENT_DOWN carries USBIP_EH_RESET)."""
+        self.reset()
+
     def reset(self) -> None:
         """Port reset: halts and device state are cleared; configuration is kept."""
         self.abort_all(ECONNRESET)

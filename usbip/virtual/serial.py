@@ -228,6 +228,7 @@ class SerialDevice(VirtualDevice):
     async def close(self) -> None:
         self.abort_all()
         self._unregister()
+        await super().close()
 
     def describe(self) -> str:
         return f"PTY {self.pty_path}"

@@ -221,6 +221,7 @@ class StorageDevice(VirtualDevice):
 
     async def close(self) -> None:
         self.sync()
+        await super().close()
 
     def describe(self) -> str:
         return f"image {self.image_path}{' read-only' if self.readonly else ''}"
