@@ -84,3 +84,19 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             verdict = f"  target >= {target:.0f}x: {'met' if r['ratio'] >= target else 'MISSED'}"
         tr.write_line(f"{group:28s} python {r['python'] * 1e6:10.2f} us   cython {r['cython'] * 1e6:10.2f} us"
                       f"   ratio {r['ratio']:6.1f}x{verdict}")
+
+
+# ---------------------------------------------------------------- end-to-end benchmarks
+def pytest_configure(config):
+    # test_e2e.py / test_gigabit.py results: table at the end, JSON in .benchmarks/latest.json
+    from _harness import E2EReporter
+
+    if not config.pluginmanager.has_plugin(E2EReporter.name):
+        config.pluginmanager.register(E2EReporter(config), E2EReporter.name)
+
+
+@pytest.fixture(scope="session")
+def e2e_reporter(request):
+    from _harness import E2EReporter
+
+    return request.config.pluginmanager.get_plugin(E2EReporter.name)

@@ -5,7 +5,11 @@
  *   loadgen --host H --port P --busid B
  *           --mode bulk-in|bulk-out|control|iso-in [--ep N]
  *           [--size BYTES] --inflight K --seconds T
- *           [--iso-packets N] [--warmup S]
+ *           [--iso-packets N] [--warmup S] [--set-alt IFACE:ALT]
+ *
+ * --set-alt sends SET_INTERFACE(IFACE, ALT) on ep0 right after the import
+ * and before the run (e.g. the iso endpoints of gadget zero only exist in
+ * alt setting 1); a failure (no reply within 5 s or status != 0) exits 2.
  *
  * Imports busid B over USB/IP (protocol 0x0111) and keeps K URBs in flight
  * on one endpoint for T seconds (after S seconds of warm-up, default 0.5).
@@ -314,7 +318,7 @@ static void usage(const char *msg)
             "usage: loadgen --host H --port P --busid B\n"
             "               --mode bulk-in|bulk-out|control|iso-in [--ep N]\n"
             "               [--size BYTES] --inflight K --seconds T\n"
-            "               [--iso-packets N] [--warmup S]\n");
+            "               [--iso-packets N] [--warmup S] [--set-alt IFACE:ALT]\n");
     exit(2);
 }
 
@@ -360,6 +364,7 @@ int main(int argc, char **argv)
     int mode = -1;
     long ep = -1, size = -1, inflight = -1, iso_packets = 8;
     double seconds = -1, warmup = 0.5;
+    long alt_iface = -1, alt_value = -1;
 
     static const struct option opts[] = {
         {"host", required_argument, NULL, 'H'},
@@ -372,6 +377,7 @@ int main(int argc, char **argv)
         {"seconds", required_argument, NULL, 't'},
         {"iso-packets", required_argument, NULL, 'n'},
         {"warmup", required_argument, NULL, 'w'},
+        {"set-alt", required_argument, NULL, 'a'},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
@@ -412,6 +418,15 @@ int main(int argc, char **argv)
         case 'w':
             warmup = parse_double(optarg, "--warmup", 0, 1e6);
             break;
+        case 'a': {
+            char *colon = strchr(optarg, ':');
+            if (colon == NULL)
+                usage("--set-alt takes IFACE:ALT");
+            *colon = 0;
+            alt_iface = parse_long(optarg, "--set-alt interface", 0, 255);
+            alt_value = parse_long(colon + 1, "--set-alt alt setting", 0, 255);
+            break;
+        }
         default:
             usage(NULL);
         }
@@ -519,6 +534,39 @@ int main(int argc, char **argv)
     uint32_t busnum = get_be32(rep + 8 + 288);
     uint32_t devnum = get_be32(rep + 8 + 292);
     uint32_t devid = (busnum << 16) | (devnum & 0xffff);
+
+    /* ---- optional SET_INTERFACE (still under the 5 s import timeouts) ---- */
+    if (alt_iface >= 0) {
+        uint8_t c[HDR_LEN];
+        memset(c, 0, sizeof c);
+        put_be32(c, CMD_SUBMIT);
+        put_be32(c + 4, 0x7fffffffu); /* outside the run's seqnum range */
+        put_be32(c + 8, devid);
+        put_be32(c + 12, 0);          /* direction OUT, no data stage */
+        put_be32(c + 16, 0);          /* ep0 */
+        /* setup: 0x01 (standard, interface), SET_INTERFACE, wValue=alt, wIndex=iface */
+        c[40] = 0x01;
+        c[41] = 0x0b;
+        c[42] = (uint8_t)alt_value;
+        c[44] = (uint8_t)alt_iface;
+        struct iovec cv = {c, sizeof c};
+        uint8_t r[HDR_LEN];
+        if (writev_all(fd, &cv, 1) < 0 || read_full(fd, r, HDR_LEN) < 0) {
+            fprintf(stderr, "loadgen: SET_INTERFACE(%ld, %ld) failed: %s\n",
+                    alt_iface, alt_value, strerror(errno));
+            return 2;
+        }
+        int32_t st = (int32_t)get_be32(r + 20);
+        /* an OUT reply carries no data stage: nothing more to read */
+        if (get_be32(r) != RET_SUBMIT || get_be32(r + 4) != 0x7fffffffu ||
+            st != 0) {
+            fprintf(stderr,
+                    "loadgen: SET_INTERFACE(%ld, %ld) refused (command %u, "
+                    "status %d)\n",
+                    alt_iface, alt_value, get_be32(r), st);
+            return 2;
+        }
+    }
 
     /* URB phase: short read timeout so the clock is checked regularly */
     tv.tv_sec = 0;

@@ -42,10 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("port", help="show the vhci-hcd ports in use")
 
-    bi = sub.add_parser("bind", help="export a local device through usbipd")
-    bi.add_argument("-b", "--busid", required=True)
-    ub = sub.add_parser("unbind", help="stop exporting a local device")
-    ub.add_argument("-b", "--busid", required=True)
+    for name, text in (("bind", "export a local device through usbipd"), ("unbind", "stop exporting a local device")):
+        bp = sub.add_parser(name, help=text)
+        rg = bp.add_mutually_exclusive_group(required=True)
+        rg.add_argument("-b", "--busid")
+        rg.add_argument("--vidpid", metavar="VID:PID", help="rule: every device with these ids")
+        rg.add_argument("--serial", metavar="S", help="rule: the device with this serial number")
+        bp.add_argument("--state-file", metavar="FILE", help="bind state file (default $USBIP_STATE_FILE or "
+                        "/var/lib/cyusbip/exported.json)")
 
     be = sub.add_parser("bench", help="benchmark a remote device with this client (control latency, bulk IN/OUT)")
     be.add_argument("-r", "--remote", metavar="HOST", required=True)
@@ -155,7 +159,14 @@ def cmd_port(args: argparse.Namespace) -> int:
 def cmd_bind(args: argparse.Namespace) -> int:
     from ..localdev import bind_command
 
-    return bind_command(args.busid, bind=args.command == "bind", as_json=args.json)
+    return bind_command(
+        args.busid,
+        bind=args.command == "bind",
+        as_json=args.json,
+        vidpid=args.vidpid,
+        serial=args.serial,
+        state_file=args.state_file,
+    )
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -1,0 +1,614 @@
+"""Shared machinery of the end-to-end benchmarks (test_e2e.py, test_gigabit.py, report.py).
+
+* :class:`ServerProc` starts a USB/IP server (the C ceiling, our usbipd compiled or pure)
+  on a free port, learns the port from its banner and stops it cleanly.
+* :func:`run_load` runs one load generator (the C ``loadgen`` or our client's
+  ``python3 -m usbip.bench``) against one server and samples the server's CPU time
+  (utime + stime of the server and its children, from /proc) over the measured window.
+* :func:`interleaved` runs a case against several servers in turn (A, B, C, A, B, C, ...)
+  and keeps the medians, so that the machine's background load hits every server alike.
+
+No wall-clock figure is ever asserted; only the medians' ratios are reported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import platform
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+BENCH_DIR = pathlib.Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+sys.path.insert(0, str(BENCH_DIR / "tools"))
+
+from build import BuildError, build  # noqa: E402
+
+__all__ = ["BuildError", "build"]  # re-exported for the tests
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PYTHON = sys.executable
+
+CEILING = "ceiling"
+OURS = "ours"
+PURE = "ours-pure"
+SERVERS = (CEILING, OURS, PURE)
+
+# what each server exports: busid, bulk IN ep, bulk OUT ep, iso IN ep, iso packet size
+DEVICE = {
+    CEILING: {"busid": "1-1", "bulk_in": 1, "bulk_out": 1, "iso_in": 2, "iso_size": 3072},
+    OURS: {"busid": "100-1", "bulk_in": 1, "bulk_out": 1, "iso_in": 3, "iso_size": 1024},
+    PURE: {"busid": "100-1", "bulk_in": 1, "bulk_out": 1, "iso_in": 3, "iso_size": 1024},
+}
+ISO_PACKETS = 8
+ISO_ALT = "0:1"  # gadget zero's iso endpoints live in alt setting 1 (the ceiling accepts any SET_INTERFACE)
+
+_PORT_RE = {
+    CEILING: re.compile(rb"listening on \S+ port (\d+)"),
+    OURS: re.compile(rb"listening on \S+:(\d+)"),
+}
+
+
+def env_float(name: str, default: float) -> float:
+    try:
+        return float(os.environ.get(name, "") or default)
+    except ValueError:
+        return default
+
+
+def env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, "") or default)
+    except ValueError:
+        return default
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "") not in ("", "0", "no", "false")
+
+
+# ---------------------------------------------------------------- CPU accounting
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read().decode("ascii", "replace")
+    except OSError:
+        return None
+    # the comm field may contain spaces and parentheses: split after the last ')'
+    return raw[raw.rindex(")") + 2 :].split()
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        f = _stat_fields(int(entry))
+        if f is not None and int(f[1]) == pid:  # fields[1] is ppid (field 4 of stat)
+            out.append(int(entry))
+    return out
+
+
+def cpu_sample(pid: int) -> dict[int, int]:
+    """{pid: utime + stime in clock ticks (all threads)} for ``pid`` and its live children.
+
+    The ceiling forks one child per connection, so its children count; they are
+    sampled while the connection is alive (inside the measured window).
+    """
+    out = {}
+    for p in [pid, *_children(pid)]:
+        f = _stat_fields(p)
+        if f is not None:
+            out[p] = int(f[11]) + int(f[12])  # utime, stime (fields 14 and 15 of stat)
+    return out
+
+
+def cpu_delta(before: dict[int, int], after: dict[int, int]) -> float:
+    """CPU seconds spent between two samples by the processes alive at the second one
+    (a process born in between counts from zero; one gone since, such as the child of
+    an earlier connection, does not count)."""
+    return sum(t - before.get(p, 0) for p, t in after.items()) / CLK_TCK
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` and its live children, in seconds."""
+    return sum(cpu_sample(pid).values()) / CLK_TCK
+
+
+# ---------------------------------------------------------------- servers
+@dataclass
+class ServerProc:
+    """A USB/IP server subprocess; ``prefix`` (e.g. ``ip netns exec NS``) wraps the command."""
+
+    kind: str
+    host: str = "127.0.0.1"
+    prefix: Sequence[str] = ()
+    proc: subprocess.Popen[bytes] | None = None
+    port: int = 0
+    banner: bytes = b""
+    log_path: pathlib.Path | None = None
+
+    @property
+    def busid(self) -> str:
+        return DEVICE[self.kind]["busid"]
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def command(self) -> list[str]:
+        if self.kind == CEILING:
+            return [str(build("ceiling")), "--port", "0", "--host", self.host]
+        return [PYTHON, "-m", "usbip.cli.usbipd_main", "--host", self.host, "-t", "0", "--virtual", "loopback"]
+
+    def start(self, timeout: float = 30.0) -> ServerProc:
+        env = dict(os.environ)
+        env.pop("USBIP_NO_EXTENSIONS", None)
+        if self.kind == PURE:
+            env["USBIP_NO_EXTENSIONS"] = "1"
+        # ceiling prints its banner on stdout, usbipd logs it on stderr: read both
+        self.proc = subprocess.Popen(
+            [*self.prefix, *self.command()],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=str(REPO),
+        )
+        pat = _PORT_RE[CEILING if self.kind == CEILING else OURS]
+        deadline = time.monotonic() + timeout
+        assert self.proc.stdout is not None
+        os.set_blocking(self.proc.stdout.fileno(), False)
+        while time.monotonic() < deadline:
+            chunk = self.proc.stdout.read()
+            if chunk:
+                self.banner += chunk
+                m = pat.search(self.banner)
+                if m:
+                    self.port = int(m.group(1))
+                    break
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.02)
+        if not self.port:
+            out = self.banner.decode(errors="replace")
+            self.stop()
+            raise RuntimeError(f"{self.kind} server did not start: {out.strip()}")
+        return self
+
+    def drain_output(self) -> None:
+        """Discard what the server printed since (so a chatty server never blocks on a full pipe)."""
+        if self.proc is not None and self.proc.stdout is not None:
+            try:
+                while self.proc.stdout.read():
+                    pass
+            except (OSError, ValueError):
+                pass
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        proc = self.proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+    def __enter__(self) -> ServerProc:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# ---------------------------------------------------------------- load generators
+@dataclass(frozen=True)
+class Case:
+    """One benchmark case. ``mode``: control, bulk-in, bulk-out, iso-in. ``client``: c or py."""
+
+    mode: str
+    size: int = 512
+    inflight: int = 1
+    client: str = "c"
+
+    @property
+    def name(self) -> str:
+        prefix = "pyclient " if self.client == "py" else ""
+        if self.mode == "control":
+            return f"{prefix}control GET_DESCRIPTOR x{self.inflight}"
+        if self.mode == "iso-in":
+            return f"{prefix}iso-in {ISO_PACKETS} packets x{self.inflight}"
+        return f"{prefix}{self.mode} {fmt_size(self.size)} x{self.inflight}"
+
+    @property
+    def metric(self) -> str:
+        """The headline figure of the case: p50_us for latency, mb_per_s for big transfers, else urbs_per_s."""
+        if self.mode == "control":
+            return "p50_us"
+        if self.mode == "iso-in" or self.size >= 16384:
+            return "mb_per_s"
+        return "urbs_per_s"
+
+
+def fmt_size(n: int) -> str:
+    if n >= 1 << 20 and n % (1 << 20) == 0:
+        return f"{n >> 20} MiB"
+    if n >= 1024 and n % 1024 == 0:
+        return f"{n >> 10} KiB"
+    return f"{n} B"
+
+
+def load_command(case: Case, server: ServerProc, seconds: float, warmup: float, host: str | None = None) -> list[str]:
+    dev = DEVICE[server.kind]
+    host = host or server.host
+    if case.client == "py":
+        cmd = [PYTHON, "-m", "usbip.bench", "--host", host, "--port", str(server.port), "--busid", server.busid]
+    else:
+        cmd = [str(build("loadgen")), "--host", host, "--port", str(server.port), "--busid", server.busid]
+    cmd += ["--mode", case.mode, "--inflight", str(case.inflight)]
+    cmd += ["--seconds", f"{seconds:g}", "--warmup", f"{warmup:g}"]
+    if case.mode == "bulk-in":
+        cmd += ["--ep", str(dev["bulk_in"]), "--size", str(case.size)]
+    elif case.mode == "bulk-out":
+        cmd += ["--ep", str(dev["bulk_out"]), "--size", str(case.size)]
+    elif case.mode == "iso-in":
+        cmd += ["--ep", str(dev["iso_in"]), "--size", str(dev["iso_size"]), "--iso-packets", str(ISO_PACKETS)]
+        cmd += ["--set-alt", ISO_ALT]
+    return cmd
+
+
+def run_load(
+    case: Case,
+    server: ServerProc,
+    seconds: float,
+    warmup: float,
+    prefix: Sequence[str] = (),
+    host: str | None = None,
+) -> dict[str, Any]:
+    """One run: the generator's JSON plus ``server_cpu_s`` and ``cpu_us_per_urb`` / ``cpu_s_per_gb``.
+
+    The server's CPU time is sampled at the start and the end of the generator's
+    measured window (by our clock; the connect/import before it takes a few ms),
+    then scaled by the generator's own rates, so warm-up and drain do not count.
+    """
+    cmd = [*prefix, *load_command(case, server, seconds, warmup, host)]
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(REPO))
+    cpu0 = cpu1 = None
+    try:
+        time.sleep(max(0.0, t0 + warmup + 0.02 - time.monotonic()))
+        ta = time.monotonic()
+        cpu0 = cpu_sample(server.pid)
+        time.sleep(max(0.0, ta + seconds - 0.04 - time.monotonic()))
+        cpu1 = cpu_sample(server.pid)
+        tb = time.monotonic()
+        out, err = proc.communicate(timeout=seconds + warmup + 60)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    finally:
+        server.drain_output()
+    text = out.decode(errors="replace").strip()
+    try:
+        res: dict[str, Any] = json.loads(text.splitlines()[-1])
+    except (ValueError, IndexError):
+        raise RuntimeError(
+            f"{' '.join(cmd)} exited {proc.returncode} without JSON: {err.decode(errors='replace').strip()}"
+        ) from None
+    res["rc"] = proc.returncode
+    if proc.returncode != 0:
+        res["stderr"] = err.decode(errors="replace").strip()[-500:]
+    window = tb - ta
+    cpu = cpu_delta(cpu0, cpu1) if cpu0 is not None and cpu1 is not None else 0.0
+    res["server_cpu_s"] = round(cpu, 4)
+    res["server_cpu_frac"] = round(cpu / window, 3) if window > 0 else None
+    urbs = res.get("urbs_per_s", 0) * window
+    gb = res.get("mb_per_s", 0) * window / 1000.0
+    # CPU per URB (us) == CPU seconds per million URBs
+    res["cpu_us_per_urb"] = round(cpu / urbs * 1e6, 3) if urbs > 0 else None
+    res["cpu_s_per_gb"] = round(cpu / gb, 3) if gb > 0.001 else None
+    return res
+
+
+METRICS = ("urbs_per_s", "mb_per_s", "p50_us", "p99_us", "cpu_us_per_urb", "cpu_s_per_gb", "server_cpu_frac")
+
+
+def median_of(runs: list[dict[str, Any]], key: str) -> float | None:
+    vals = [r[key] for r in runs if r.get(key) is not None]
+    return round(statistics.median(vals), 3) if vals else None
+
+
+@dataclass
+class CaseResult:
+    case: Case
+    runs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+    def medians(self) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for srv, runs in self.runs.items():
+            m: dict[str, Any] = {k: median_of(runs, k) for k in METRICS}
+            m["errors"] = sum(int(r.get("errors", 0) or 0) for r in runs)
+            m["runs"] = len(runs)
+            out[srv] = m
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        med = self.medians()
+        metric = self.case.metric
+        ratios = {}
+        c, o, p = (med.get(s, {}).get(metric) for s in SERVERS)
+        if o and c:
+            ratios["ours_over_ceiling"] = round(o / c, 3)
+        if o and p:
+            ratios["ours_over_pure"] = round(o / p, 3)
+        return {
+            "case": self.case.name,
+            "mode": self.case.mode,
+            "size": self.case.size,
+            "inflight": self.case.inflight,
+            "client": self.case.client,
+            "metric": metric,
+            "medians": med,
+            "ratios": ratios,
+            "runs": self.runs,
+        }
+
+
+def interleaved(
+    case: Case,
+    servers: Sequence[ServerProc],
+    repeats: int,
+    seconds: float,
+    warmup: float,
+    prefix: Sequence[str] = (),
+    host: str | None = None,
+) -> CaseResult:
+    """``repeats`` rounds, each running the case once against every server in turn."""
+    result = CaseResult(case)
+    for _ in range(repeats):
+        for srv in servers:
+            if not srv.alive():
+                raise RuntimeError(f"{srv.kind} server died: {srv.banner.decode(errors='replace')[-500:]}")
+            result.runs.setdefault(srv.kind, []).append(run_load(case, srv, seconds, warmup, prefix, host))
+    return result
+
+
+# ---------------------------------------------------------------- machine / output
+def machine_info() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = None
+    try:
+        from usbip.protocol import IMPLEMENTATION as codec_impl
+    except ImportError:
+        codec_impl = None
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "loadavg": [round(x, 2) for x in load] if load else None,
+        "codec": codec_impl,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def default_out_paths() -> list[pathlib.Path]:
+    paths = [REPO / ".benchmarks" / "latest.json"]
+    extra = os.environ.get("USBIP_BENCH_OUT")
+    if extra:
+        paths.append(pathlib.Path(extra))
+    return paths
+
+
+def fmt_num(v: float | None) -> str:
+    if v is None:
+        return "-"
+    if v >= 10000:
+        return f"{v:,.0f}"
+    if v >= 100:
+        return f"{v:.0f}"
+    if v >= 10:
+        return f"{v:.1f}"
+    return f"{v:.2f}"
+
+
+def metric_label(metric: str) -> str:
+    return {"urbs_per_s": "URB/s", "mb_per_s": "MB/s", "p50_us": "p50 us"}.get(metric, metric)
+
+
+def table_rows(results: list[dict[str, Any]]) -> list[list[str]]:
+    """case | metric | ceiling | ours | ours-pure | ours/ceiling | ours/pure | server CPU (per unit) of each server.
+
+    Server CPU is in seconds per million URBs (= us per URB) for the URB/s and latency
+    cases and in seconds per GB for the MB/s cases.
+    """
+    rows = [["case", "metric", "ceiling", "ours", "ours-pure", "ours/ceiling", "ours/pure",
+             "CPU unit", "CPU ceiling", "CPU ours", "CPU pure"]]
+    for r in results:
+        med = r["medians"]
+        metric = r["metric"]
+        vals = [med.get(s, {}).get(metric) for s in SERVERS]
+        rat = r.get("ratios", {})
+        cpu_key, cpu_unit = ("cpu_s_per_gb", "s/GB") if metric == "mb_per_s" else ("cpu_us_per_urb", "s/MURB")
+        rows.append(
+            [
+                r["case"],
+                metric_label(metric),
+                *(fmt_num(v) for v in vals),
+                f"{rat['ours_over_ceiling']:.2f}" if "ours_over_ceiling" in rat else "-",
+                f"{rat['ours_over_pure']:.2f}" if "ours_over_pure" in rat else "-",
+                cpu_unit,
+                *(fmt_num(med.get(s, {}).get(cpu_key)) for s in SERVERS),
+            ]
+        )
+    return rows
+
+
+def format_table(rows: list[list[str]], markdown: bool = False) -> str:
+    if markdown:
+        out = ["| " + " | ".join(rows[0]) + " |", "|" + "|".join("---" for _ in rows[0]) + "|"]
+        out += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+        return "\n".join(out)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for n, r in enumerate(rows):
+        cells = [c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(r)]
+        lines.append("  ".join(cells))
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- targets and session reporting
+def _find(results: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
+    return next((r for r in results if r["case"] == name), None)
+
+
+def evaluate_targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The design's targets, reported (never asserted): [{target, value, met}] for the cases that ran."""
+    out: list[dict[str, Any]] = []
+
+    def ratio(case: str, metric: str) -> float | None:
+        r = _find(results, case)
+        if r is None:
+            return None
+        c = r["medians"].get(CEILING, {}).get(metric)
+        o = r["medians"].get(OURS, {}).get(metric)
+        return round(o / c, 3) if o and c else None
+
+    for mode in ("bulk-in", "bulk-out"):
+        v = ratio(f"{mode} 512 B x32", "urbs_per_s")
+        if v is not None:
+            out.append({"target": f"{mode} 512 B x32: ours >= 1/3 of ceiling URB/s", "value": v, "met": v >= 1 / 3})
+        v = ratio(f"{mode} 64 KiB x8", "mb_per_s")
+        if v is not None:
+            out.append({"target": f"{mode} 64 KiB x8: ours >= 0.6x ceiling MB/s", "value": v, "met": v >= 0.6})
+        r = _find(results, f"{mode} 512 B x32")
+        cpu = r["medians"].get(OURS, {}).get("cpu_us_per_urb") if r else None
+        if cpu is not None:
+            out.append({"target": f"{mode} 512 B x32: server CPU <= 3 us per URB", "value": cpu, "met": cpu <= 3.0})
+    v = ratio("control GET_DESCRIPTOR x1", "p50_us")
+    if v is not None:
+        out.append({"target": "control p50: ours <= 1.5x ceiling", "value": v, "met": v <= 1.5})
+    return out
+
+
+class E2EReporter:
+    """pytest plugin (registered by conftest.py): collects the e2e/gigabit results, prints the
+    table at the end of the session and writes the JSON (.benchmarks/latest.json, $USBIP_BENCH_OUT)."""
+
+    name = "usbip-e2e-reporter"
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+        self.results: list[dict[str, Any]] = []
+        self.gigabit: list[dict[str, Any]] = []
+        self.settings: dict[str, Any] = {}
+
+    @property
+    def quick(self) -> bool:
+        try:
+            return bool(self.config.getoption("benchmark_disable"))
+        except ValueError:
+            return False
+
+    def add(self, result: dict[str, Any]) -> None:
+        self.results.append(result)
+
+    def document(self) -> dict[str, Any]:
+        return {
+            "machine": machine_info(),
+            "settings": {**self.settings, "quick": self.quick},
+            "results": self.results,
+            "gigabit": self.gigabit,
+            "targets": evaluate_targets(self.results),
+        }
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if not self.results and not self.gigabit:
+            return
+        tr = terminalreporter
+        doc = self.document()
+        quick = " (QUICK: not a measurement)" if self.quick else ""
+        tr.section("USB/IP end to end: medians of interleaved runs" + quick)
+        if self.results:
+            for line in format_table(table_rows(self.results)).splitlines():
+                tr.write_line(line)
+            tr.write_line("(control: p50 latency, lower is better, so ours/ceiling > 1 means slower)")
+            for t in doc["targets"]:
+                tr.write_line(f"target {t['target']}: {t['value']} -> {'met' if t['met'] else 'MISSED'}")
+            py = _find(self.results, "pyclient bulk-in 512 B x32")
+            c = _find(self.results, "bulk-in 512 B x32")
+            if py and c:
+                tr.write_line(
+                    "our Python client vs C loadgen against ours, bulk-in 512 B x32: "
+                    f"{fmt_num(py['medians'].get(OURS, {}).get('urbs_per_s'))} vs "
+                    f"{fmt_num(c['medians'].get(OURS, {}).get('urbs_per_s'))} URB/s"
+                )
+        for g in self.gigabit:
+            tr.write_line(gigabit_line(g))
+        paths = default_out_paths()
+        if self.quick and not os.environ.get("USBIP_BENCH_OUT"):
+            paths = [REPO / ".benchmarks" / "latest-quick.json"]
+        elif self.quick:
+            paths = paths[1:]
+        for path in paths:
+            try:
+                out = dict(doc)
+                # a run of only test_gigabit.py (or only test_e2e.py) keeps the other part of the file
+                try:
+                    old = json.loads(path.read_text())
+                except (OSError, ValueError):
+                    old = {}
+                for part in ("results", "gigabit"):
+                    if not out[part] and old.get(part):
+                        out[part] = old[part]
+                out["settings"] = {**old.get("settings", {}), **{k: v for k, v in doc["settings"].items()}}
+                out["targets"] = evaluate_targets(out["results"])
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(out, indent=1) + "\n")
+                tr.write_line(f"wrote {path}")
+            except OSError as exc:
+                tr.write_line(f"cannot write {path}: {exc}")
+
+
+def gigabit_line(g: dict[str, Any]) -> str:
+    med = g["medians"]
+    parts = [f"{s} {fmt_num(med.get(s, {}).get('mb_per_s'))}" for s in g.get("servers", SERVERS) if s in med]
+    verdict = ""
+    if "target_mb_per_s" in g and med.get(OURS, {}).get("mb_per_s") is not None:
+        ok = med[OURS]["mb_per_s"] >= g["target_mb_per_s"]
+        verdict = f"  (target ours >= {g['target_mb_per_s']}: {'met' if ok else 'MISSED'})"
+    ceiling = f" vs TCP goodput ceiling ~{g.get('tcp_ceiling', 118)}"
+    return f"gigabit {g['case']}: MB/s " + ", ".join(parts) + ceiling + verdict

@@ -1,0 +1,137 @@
+"""Regenerate the README's results table (markdown) and a PNG plot from the e2e JSON.
+
+    python3 benchmarks/report.py [JSON] [--png PATH]
+
+JSON defaults to .benchmarks/latest.json (written by ``pytest benchmarks/test_e2e.py
+--benchmark-only``); the PNG (default: next to the JSON, same name) needs matplotlib
+(``pip install cyusbip[plot]``) and is skipped with a message without it. The markdown
+goes to stdout, to be pasted into README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+from typing import Any
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+from _harness import (
+    CEILING,
+    OURS,
+    PURE,
+    REPO,
+    format_table,
+    gigabit_line,
+    machine_info,
+    metric_label,
+    table_rows,
+)
+
+
+def machine_note(m: dict[str, Any]) -> str:
+    load = m.get("loadavg")
+    return (
+        f"Machine: {m.get('cpu')}, {m.get('cores')} cores, Linux {m.get('kernel')}, "
+        f"Python {m.get('python')} ({m.get('implementation', 'CPython')})"
+        + (f", load average {load[0]} at the time" if load else "")
+        + (f"; measured {m['time']}" if m.get("time") else "")
+        + "."
+    )
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    s = doc.get("settings", {})
+    out: list[str] = []
+    if doc.get("results"):
+        out.append(format_table(table_rows(doc["results"]), markdown=True))
+        out.append("")
+        out.append(
+            f"Medians of {s.get('repeats', '?')} interleaved runs of {s.get('seconds', '?')} s per server "
+            "(C `loadgen` unless the case says pyclient: our asyncio client). Control: p50 latency "
+            "(lower is better). CPU: server utime+stime over the measured window, in seconds per "
+            "million URBs (s/MURB = us per URB) or per GB. Iso: 8 packets per URB, 3072 B against "
+            "the ceiling, 1024 B (the loopback's iso maxp) against ours."
+            + (" QUICK RUN: not a measurement." if s.get("quick") else "")
+        )
+    targets = doc.get("targets") or []
+    if targets:
+        out.append("")
+        out.append("Targets (reported, not asserted):")
+        out.append("")
+        for t in targets:
+            out.append(f"- {t['target']}: {t['value']} ({'met' if t['met'] else 'missed'})")
+    if doc.get("gigabit"):
+        out.append("")
+        out.append("Gigabit (veth between two network namespaces, " + doc["gigabit"][0].get("qdisc", "tc") + "):")
+        out.append("")
+        for g in doc["gigabit"]:
+            out.append("- " + gigabit_line(g).removeprefix("gigabit "))
+    out.append("")
+    out.append(machine_note(doc.get("machine") or machine_info()))
+    return "\n".join(out)
+
+
+def plot(doc: dict[str, Any], path: pathlib.Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"report.py: matplotlib is not installed (pip install cyusbip[plot]): no {path}", file=sys.stderr)
+        return False
+    results = doc.get("results") or []
+    if not results:
+        return False
+    labels, ours, pure = [], [], []
+    for r in results:
+        med = r["medians"]
+        c = med.get(CEILING, {}).get(r["metric"])
+        o = med.get(OURS, {}).get(r["metric"])
+        p = med.get(PURE, {}).get(r["metric"])
+        if not c:
+            continue
+        inv = r["metric"] == "p50_us"  # latency: show ceiling/ours so that higher is better everywhere
+        labels.append(f"{r['case']}\n({metric_label(r['metric'])})")
+        ours.append((c / o if inv else o / c) if o else 0)
+        pure.append((c / p if inv else p / c) if p else 0)
+    fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(labels)), 5))
+    x = range(len(labels))
+    ax.bar([i - 0.2 for i in x], ours, 0.4, label="ours (compiled)")
+    ax.bar([i + 0.2 for i in x], pure, 0.4, label="ours (pure Python)")
+    ax.axhline(1.0, color="k", lw=0.8, ls="--", label="C ceiling")
+    ax.set_xticks(list(x))
+    ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("relative to the C ceiling (higher is better)")
+    ax.set_yscale("log")
+    ax.set_title(machine_note(doc.get("machine") or {}), fontsize=7)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    print(f"report.py: wrote {path}", file=sys.stderr)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("json", nargs="?", default=str(REPO / ".benchmarks" / "latest.json"))
+    ap.add_argument("--png", default=None, help="where to write the plot (default: the JSON's name with .png)")
+    args = ap.parse_args(argv)
+    path = pathlib.Path(args.json)
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        print(f"report.py: cannot read {path}: {exc} (run pytest benchmarks/test_e2e.py --benchmark-only)",
+              file=sys.stderr)
+        return 1
+    print(markdown(doc))
+    plot(doc, pathlib.Path(args.png) if args.png else path.with_suffix(".png"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
