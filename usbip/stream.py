@@ -98,6 +98,8 @@ class Stream:
                     return
                 if msgs:
                     self.on_messages(msgs)
+                    # drop the payload views now, so the decoder can reuse its buffer next read
+                    msgs = None
                 if self.closed or n < want:
                     break
         finally:
