@@ -122,17 +122,24 @@ class Connection:
             sock.close()
             raise
 
-    async def import_device(self, busid: str, read_descriptors: bool = True) -> RemoteDevice:
-        """Import ``busid`` and drive it from user space (no kernel driver, no root)."""
+    async def import_device(self, busid: str, read_descriptors: bool = True, configure: bool = True) -> RemoteDevice:
+        """Import ``busid`` and drive it from user space (no kernel driver, no root).
+
+        The kernel's usbip-host exports devices unconfigured (unbinding the generic
+        USB driver sets configuration 0); with ``configure`` an unconfigured device
+        gets SET_CONFIGURATION with its first configuration, as a host would do.
+        """
         sock, record = await self.import_socket(busid)
         dev = RemoteDevice(sock, record)
         self._devices.append(dev)
-        if read_descriptors:
-            try:
+        try:
+            if read_descriptors or configure:
                 await dev.read_descriptors()
-            except BaseException:
-                await dev.close()
-                raise
+            if configure and record.bConfigurationValue == 0 and dev.configuration_descriptor:
+                await dev.set_configuration(dev.configuration_descriptor[5])
+        except BaseException:
+            await dev.close()
+            raise
         return dev
 
 
