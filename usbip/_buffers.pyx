@@ -98,6 +98,9 @@ cdef class BufferPool:
 
     cdef _recycle(self, PoolBuffer buf):
         cdef list free_list
+        # buf.pool may hold the last reference to this pool (a view released after the
+        # pool's owner let go): keep it alive until we are done with it
+        cdef BufferPool keep = self
         buf.pool = None
         if buf.capacity > self.max_pooled:
             return

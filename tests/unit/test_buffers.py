@@ -152,3 +152,17 @@ def test_pool_module_selects_a_twin() -> None:
     assert pool.IMPLEMENTATION in ("python", "cython")
     buf = pool.BufferPool().acquire(8)
     assert isinstance(buf, pool.PoolBuffer) and len(buf) == 8
+
+
+def test_view_released_after_the_pool_is_dropped(pool_impl) -> None:
+    # The last reference to a pool can be a released buffer's link back to it: recycling
+    # that buffer when its last view goes must not touch a freed pool.
+    for _ in range(500):
+        pool = pool_impl.BufferPool()
+        buf = pool.acquire(1000)
+        view = memoryview(buf)
+        pool.release(buf)
+        del pool, buf
+        view[:3] = b"abc"
+        del view
+    gc.collect()

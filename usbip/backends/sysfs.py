@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 
 from ..protocol.constants import Speed
@@ -164,3 +165,20 @@ def split_descriptors(blob: bytes) -> tuple[bytes, list[bytes]]:
         configs.append(bytes(blob[pos : pos + total]))
         pos += total
     return bytes(dev), configs
+
+
+def open_node(dev: SysfsDevice, root: str = SYSFS_USB) -> int:
+    """Open the device's usbfs node read-write; create it from sysfs ``dev`` if
+    devtmpfs/udev did not (minimal systems, initramfs guests)."""
+    node = dev.node
+    if not os.path.exists(node):
+        majmin = _read(os.path.join(root, dev.busid, "dev"))
+        if ":" not in majmin:
+            raise FileNotFoundError(f"{node} does not exist and {dev.busid} has no dev attribute")
+        ma, mi = (int(x) for x in majmin.split(":", 1))
+        os.makedirs(os.path.dirname(node), exist_ok=True)
+        try:
+            os.mknod(node, 0o600 | stat.S_IFCHR, os.makedev(ma, mi))
+        except FileExistsError:
+            pass
+    return os.open(node, os.O_RDWR | os.O_CLOEXEC)

@@ -50,6 +50,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--demo", action="store_true", help="export one virtual device of each kind")
     p.add_argument("--demo-dir", default=None, help="where --demo keeps its disk image (default: a temp dir)")
+    p.add_argument(
+        "--state-file",
+        default=None,
+        metavar="FILE",
+        help="bind rules written by `usbip bind` (default $USBIP_STATE_FILE or /var/lib/cyusbip/exported.json)",
+    )
+    p.add_argument("--no-libusb", action="store_true", help="do not export host devices (libusb backend off)")
+    p.add_argument(
+        "--libusb-events",
+        choices=("pollfd", "thread"),
+        default="pollfd",
+        help="how libusb events reach the event loop (default: pollfd, libusb's fds on the loop)",
+    )
+    p.add_argument(
+        "--rescan-interval", type=float, default=1.0, metavar="SECONDS", help="hotplug/state-file poll period"
+    )
     return p
 
 
@@ -86,6 +102,21 @@ async def _run(args: argparse.Namespace) -> int:
     except OSError as exc:
         log.error("cannot listen on port %d: %s", args.tcp_port, exc)
         return exitcodes.FAILURE
+    backend = None
+    if not args.no_libusb:
+        from ..backends.libusb.backend import LibusbBackend
+
+        backend = LibusbBackend(
+            server.registry,
+            args.state_file,
+            poll_interval=args.rescan_interval,
+            events_mode=args.libusb_events,
+        )
+        try:
+            backend.start()
+        except Exception as exc:  # never fatal: virtual devices still work
+            log.error("libusb backend not started: %s", exc)
+            backend = None
     for dev in server.registry.devices():
         extra = getattr(dev, "describe", lambda: "")()
         log.info("exporting %s: %s%s", dev.busid, type(dev).__name__, f" ({extra})" if extra else "")
@@ -96,6 +127,8 @@ async def _run(args: argparse.Namespace) -> int:
     await stop.wait()
     log.info("shutting down")
     await server.close()
+    if backend is not None:
+        await backend.close()
     return exitcodes.OK
 
 

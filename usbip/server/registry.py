@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import logging
+from collections.abc import Callable, Iterable
 
 from ..device import Device
 from ..protocol.constants import ST_DEV_BUSY, ST_NODEV, ST_OK
 
 #: Bus number given to virtual devices (real buses are numbered from 1 by Linux).
 VIRTUAL_BUS = 100
+
+log = logging.getLogger(__name__)
 
 
 class Registry:
@@ -18,6 +21,17 @@ class Registry:
         self._devices: dict[str, Device] = {}
         self._owner: dict[str, object] = {}
         self._next_port = 1
+        #: called (in order) by :meth:`refresh` before the server answers a device list or an
+        #: import, so a backend (usbip.backends.libusb) can add/remove devices at runtime
+        self.refresh_hooks: list[Callable[[], None]] = []
+
+    def refresh(self) -> None:
+        """Let the backends bring the device set up to date (errors are logged, not raised)."""
+        for hook in list(self.refresh_hooks):
+            try:
+                hook()
+            except Exception:
+                log.exception("registry refresh hook %r failed", hook)
 
     def add_virtual(self, device: Device) -> Device:
         """Give ``device`` a place on the virtual bus (busid "100-N") and export it."""

@@ -165,6 +165,7 @@ class Server:
             set_nodelay(sock)
             set_keepalive(sock)
             head = unpack_op_header(await recv_exactly(sock, OP_HEADER_SIZE, OP_TIMEOUT))
+            self.registry.refresh()
             if head.code == OP_REQ_DEVLIST:
                 await send_all(sock, pack_devlist_reply([d.record() for d in self.registry.devices()]))
                 log.debug("%s: sent device list", peer)
@@ -229,6 +230,15 @@ class Server:
         session = UrbSession(device, stream.write, self.pool)
         self.sessions.add(session)
         stream.start()
+        # a device that can disappear (usbip.backends.libusb) has an asyncio.Event ``gone``:
+        # when it is set, the session ends as if the peer had closed (the kernel stub does the same)
+        gone = getattr(device, "gone", None)
+        gone_task: asyncio.Future[Any] | None = None
+        if isinstance(gone, asyncio.Event):
+            gone_task = asyncio.ensure_future(gone.wait())
+            gone_task.add_done_callback(
+                lambda t: t.cancelled() or on_close(ConnectionAbortedError(f"device {device.busid} is gone"))
+            )
         try:
             exc = await done
             if isinstance(exc, ProtocolError):
@@ -239,6 +249,8 @@ class Server:
             else:
                 log.info("%s: client closed the connection", peer)
         finally:
+            if gone_task is not None:
+                gone_task.cancel()
             stream.close()
             await session.shutdown()
             self.sessions.discard(session)

@@ -1,0 +1,221 @@
+"""Our usbipd exporting real (configfs gadget on dummy_hcd) devices through libusb,
+imported by the guest kernel's own vhci-hcd."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+
+import pytest
+
+from . import gadgets
+from .gadgets import q
+
+# Known problem (issue 5, open): in about half the runs the guest's vhci stops sending after our
+# SET_CONFIGURATION completes, and `usbip port` then blocks in the guest kernel. Until that is
+# understood these tests would hang CI, so they run only when asked for.
+pytestmark = pytest.mark.skipif(
+    os.environ.get("USBIP_LIBUSB_KERNEL_TESTS") != "1",
+    reason="libusb export through vhci hangs intermittently after SET_CONFIGURATION (issue 5); "
+    "set USBIP_LIBUSB_KERNEL_TESTS=1 to run",
+)
+
+STATE = "/tmp/cyusbip-libusb/exported.json"
+PORT = 3240
+MS_VID, MS_PID = 0x1209, 0x0001  # pid.codes test ids: nothing in the guest claims them but usb-storage
+
+
+def _usbip(guest, args: str, timeout: float = 60):
+    return guest.run(f"{guest.python} -m usbip.cli.usbip_main {args}", timeout=timeout)
+
+
+def _start_usbipd(guest) -> tuple[int, str]:
+    guest.run(f"mkdir -p /tmp/cyusbip-libusb; rm -f {STATE}", check=True)
+    pid, log = guest.start_background(
+        f"USBIP_LIBUSB_DEBUG=1 {guest.python} -m usbip.cli.usbipd_main -d --host 127.0.0.1 -t {PORT}"
+        f" --state-file {STATE} --rescan-interval 0.5"
+    )
+    hexport = f"{PORT:04X}"
+    r = guest.run(
+        gadgets.poll_sh(f"awk '$2 ~ /:{hexport}$/ && $4 == \"0A\" {{f=1}} END {{exit !f}}' /proc/net/tcp", 60),
+        timeout=90,
+    )
+    if r.rc != 0:
+        pytest.fail("our usbipd did not start:\n" + guest.run(f"cat {log}").out)
+    return pid, log
+
+
+def _stop_usbipd(guest, pid: int) -> None:
+    guest.run(f"kill {pid}; " + gadgets.poll_sh(f"! kill -0 {pid} 2>/dev/null", 15) + f" || kill -9 {pid}", timeout=40)
+
+
+def _bind(guest, busid: str) -> None:
+    r = _usbip(guest, f"bind -b {q(busid)} --state-file {STATE}")
+    assert r.rc == 0, r.out
+
+
+def _wait_exportable(guest, busid: str, present: bool = True, timeout: float = 20) -> str:
+    deadline = time.monotonic() + timeout
+    out = ""
+    while time.monotonic() < deadline:
+        out = gadgets.exportable(guest, port=PORT)
+        if (f" {busid}:" in out) == present:
+            return out
+        time.sleep(0.5)
+    raise AssertionError(f"{busid} {'not ' if present else ''}listed by usbipd:\n{out}")
+
+
+@pytest.fixture
+def usbipd(clean_guest):
+    guest = clean_guest
+    gadgets.modprobe(guest, "vhci-hcd")
+    pid, log = _start_usbipd(guest)
+    yield guest, pid, log
+    if guest.run(f"kill -0 {pid}").rc == 0:
+        _stop_usbipd(guest, pid)
+    print(guest.run(f"tail -40 {log}").out)
+
+
+def test_bind_list_and_sourcesink_import(usbipd):
+    guest, pid, _log = usbipd
+    busid = gadgets.sourcesink(guest)
+    # not bound yet: not listed, not importable
+    assert f" {busid}:" not in gadgets.exportable(guest, port=PORT)
+    out = _usbip(guest, "--json list -l").out
+    assert re.search(rf'"busid": "{re.escape(busid)}"', out)
+    _bind(guest, busid)
+    cmd = f"USBIP_STATE_FILE={STATE} {guest.python} -m usbip.cli.usbip_main --json list -l"
+    listed = json.loads(guest.run(cmd).out)
+    assert [d["bound"] for d in listed["devices"] if d["busid"] == busid] == [True]
+    listing = _wait_exportable(guest, busid)
+    assert "0525:a4a0" in listing
+    # Debian's client imports it through the kernel's vhci-hcd
+    try:
+        port = gadgets.vhci_attach(guest, busid, port=PORT, vid=gadgets.GADGET_ZERO_VID, pid=gadgets.GADGET_ZERO_PID)
+    except Exception:
+        print(guest.run(f"echo w > /proc/sysrq-trigger; dmesg | tail -150; tail -30 {_log}", timeout=30).out)
+        raise
+    local = port.local_busid
+    assert local
+    # enumerated and configured through us: same descriptors as on the exporting side
+    same = guest.run(
+        f"cmp /sys/bus/usb/devices/{local}/descriptors /sys/bus/usb/devices/{busid}/descriptors && "
+        f"cat /sys/bus/usb/devices/{local}/bConfigurationValue"
+    )
+    assert same.rc == 0 and same.out.strip() == "1", same.out
+    # bulk traffic: usbtest (when bound on the vhci side) or raw usbfs through libusb
+    r = guest.run_python(
+        f"""
+import usb1, sys
+ctx = usb1.USBContext(); ctx.open()
+d = '/sys/bus/usb/devices/{local}'
+b, n = open(d + '/busnum').read().strip(), open(d + '/devnum').read().strip()
+import os
+h = ctx.wrapSysDevice(os.open('/dev/bus/usb/%03d/%03d' % (int(b), int(n)), os.O_RDWR))
+if h.kernelDriverActive(0): h.detachKernelDriver(0)
+h.claimInterface(0)
+cfg = h.getDevice()[0]
+eps = [e.getAddress() for e in cfg[0][0]]
+ep_in = [e for e in eps if e & 0x80][0]; ep_out = [e for e in eps if not e & 0x80][0]
+total = 0
+for i in range(20):
+    data = h.bulkRead(ep_in, 4096, timeout=5000)
+    bad = [j for j in range(len(data)) if data[j] != j % 512 % 63]  # restarts every packet
+    assert not bad, ('pattern', len(data), bad[:5], bytes(data[:80]).hex(), bytes(data[bad[0]:bad[0]+16]).hex())
+    total += len(data)
+    h.bulkWrite(ep_out, bytes(j % 512 % 63 for j in range(4096)), timeout=5000)
+print('OK', total)
+""",
+        timeout=120,
+    )
+    assert "OK" in r.out, r.out
+    gadgets.vhci_detach(guest, port.port)
+    assert guest.run(f"kill -0 {pid}").rc == 0
+    # unbind: no longer exported; the device goes back to its kernel driver state
+    assert _usbip(guest, f"unbind -b {q(busid)} --state-file {STATE}").rc == 0
+    _wait_exportable(guest, busid, present=False)
+
+
+def test_mass_storage_roundtrip(usbipd):
+    guest, _pid, _log = usbipd
+    gadgets.modprobe(guest, "usb-storage", "sd_mod", "usb_f_mass_storage")
+    backing = "/tmp/cyusbip-libusb/backing.img"
+    guest.run(f"dd if=/dev/zero of={backing} bs=1M count=8 2>/dev/null", check=True)
+    g = gadgets.create_gadget(
+        guest,
+        "msg",
+        [("mass_storage.0", {"lun.0/file": backing, "stall": 1})],
+        vid=MS_VID,
+        pid=MS_PID,
+    )
+    _bind(guest, g.busid)
+    _wait_exportable(guest, g.busid)
+    r = _usbip(
+        guest,
+        f"-t {PORT} attach -r 127.0.0.1 -b {q(g.busid)}",
+    )
+    assert r.rc == 0, r.out
+    local = gadgets.wait_for_device(guest, MS_VID, MS_PID, "/vhci_hcd.", timeout=60)
+    find_disk = (
+        f"for b in /sys/bus/usb/devices/{local}:1.0/host*/target*/*/block/*; do "
+        '[ -e "$b" ] && echo ${b##*/} && exit 0; done; exit 1'
+    )
+    r = guest.run(gadgets.poll_sh(f"({find_disk}) >/dev/null", 60) + f"; {find_disk}", timeout=90)
+    assert r.rc == 0, r.out + guest.run("dmesg | tail -30").out
+    disk = "/dev/" + r.out.split()[-1]
+    script = f"""
+set -e
+[ -b {disk} ] || mknod {disk} b $(cat /sys/class/block/{disk[5:]}/dev | tr : ' ')
+dd if=/dev/urandom of=/tmp/cyusbip-libusb/rand.bin bs=64k count=32 2>/dev/null
+dd if=/tmp/cyusbip-libusb/rand.bin of={disk} bs=64k oflag=direct conv=fsync 2>/dev/null
+echo 3 > /proc/sys/vm/drop_caches
+dd if={disk} of=/tmp/cyusbip-libusb/back.bin bs=64k count=32 iflag=direct 2>/dev/null
+dd if={backing} of=/tmp/cyusbip-libusb/file.bin bs=64k count=32 2>/dev/null
+sha256sum /tmp/cyusbip-libusb/rand.bin /tmp/cyusbip-libusb/back.bin /tmp/cyusbip-libusb/file.bin
+"""
+    r = guest.run(script, timeout=300)
+    assert r.rc == 0, r.out
+    sums = [line.split()[0] for line in r.out.splitlines() if line.strip()]
+    assert len(sums) == 3 and sums[0] == sums[1] == sums[2], r.out
+    for p in gadgets.usbip_port(guest):
+        gadgets.vhci_detach(guest, p.port)
+
+
+def test_gadget_unplugged_while_imported(usbipd):
+    guest, pid, log = usbipd
+    busid = gadgets.sourcesink(guest)
+    _bind(guest, busid)
+    _wait_exportable(guest, busid)
+    port = gadgets.vhci_attach(guest, busid, port=PORT, vid=gadgets.GADGET_ZERO_VID, pid=gadgets.GADGET_ZERO_PID)
+    # keep bulk IN traffic going on the vhci side, then pull the gadget off its UDC
+    bg_pid, bg_log = guest.start_background(
+        f'{guest.python} -c "'
+        "import usb1,os,sys;"
+        f"d='/sys/bus/usb/devices/{port.local_busid}';"
+        "b=int(open(d+'/busnum').read());n=int(open(d+'/devnum').read());"
+        "c=usb1.USBContext();c.open();h=c.wrapSysDevice(os.open('/dev/bus/usb/%03d/%03d'%(b,n),os.O_RDWR));"
+        "h.kernelDriverActive(0) and h.detachKernelDriver(0);h.claimInterface(0);"
+        "print('reading',flush=True)\n"
+        'while True: h.bulkRead(0x81, 65536, timeout=10000)"'
+    )
+    guest.run(gadgets.poll_sh(f"grep -q reading {bg_log}", 60), timeout=90)
+    time.sleep(1)
+    udc_file = f"{gadgets.CONFIGFS}/sourcesink/UDC"
+    udc = guest.run(f"cat {udc_file}").out.strip()
+    guest.run(f'echo "" > {udc_file}', check=True)
+    # the import ends: the vhci port is freed; usbipd keeps running
+    r = guest.run(gadgets.poll_sh(f"! {gadgets.USBIP} port 2>/dev/null | grep -q '^Port'", 30), timeout=60)
+    assert r.rc == 0, guest.run(f"{gadgets.USBIP} port; tail -30 {log}").out
+    assert guest.run(f"kill -0 {pid}").rc == 0
+    guest.run(f"kill {bg_pid}")
+    _wait_exportable(guest, busid, present=False)
+    # plugged in again: the busid rule exports it again
+    guest.run(f"echo {q(udc)} > {udc_file}", check=True)
+    gadgets.wait_for_device(guest, gadgets.GADGET_ZERO_VID, gadgets.GADGET_ZERO_PID, "/dummy_hcd.", timeout=30)
+    _wait_exportable(guest, busid)
+    port = gadgets.vhci_attach(guest, busid, port=PORT, vid=gadgets.GADGET_ZERO_VID, pid=gadgets.GADGET_ZERO_PID)
+    gadgets.vhci_detach(guest, port.port)
+    out = guest.run(f"cat {log}").out
+    assert "gone" in out, out[-3000:]

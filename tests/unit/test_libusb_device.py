@@ -1,0 +1,286 @@
+"""LibusbDevice URB mapping against a faked python-libusb1 handle/transfer."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import errno
+
+from usbip.backends.libusb import mapping as m
+from usbip.backends.libusb.device import LibusbDevice
+from usbip.backends.sysfs import SysfsDevice
+from usbip.device import Urb
+from usbip.pool import BufferPool
+from usbip.protocol import IsoPackets
+from usbip.protocol.constants import URB_SHORT_NOT_OK, URB_ZERO_PACKET, USBIP_DIR_IN, USBIP_DIR_OUT, Speed
+
+DEV_DESC = bytes.fromhex("12010002000000402505a0a4000101020301")
+CONFIG = bytes.fromhex(
+    "09022e00010100c032"
+    "0904000003ff000000"
+    "07058102000200"  # 0x81 bulk IN
+    "07050102000200"  # 0x01 bulk OUT
+    "07058201000401"  # 0x82 iso IN
+    "0904000100ff000000"  # (alt 1 of interface 0, for interface_numbers)
+)
+
+
+class FakeTransfer:
+    def __init__(self, owner, iso_packets=0, short_is_error=False, add_zero_packet=False):
+        self.owner = owner
+        self.iso_packets = iso_packets
+        self.short_is_error = short_is_error
+        self.add_zero_packet = add_zero_packet
+        self.kind = None
+        self.closed = False
+        self.submitted = False
+        self.cancelled = False
+        self.status = 0
+        self.actual = 0
+        self.iso_results = []
+
+    def _set(self, kind, endpoint, buf, cb, ud):
+        self.kind, self.endpoint, self.cb, self.ud = kind, endpoint, cb, ud
+        # python-libusb1 wraps writable buffers in place, copies read-only ones
+        try:
+            self.cbuf = (ctypes.c_char * len(buf)).from_buffer(buf)
+            self.view = memoryview(buf)
+        except TypeError:
+            self.view = memoryview(bytearray(buf))
+            self.cbuf = None
+
+    def setBulk(self, endpoint, buf, callback=None, user_data=None, timeout=0):
+        self._set("bulk", endpoint, buf, callback, user_data)
+
+    def setInterrupt(self, endpoint, buf, callback=None, user_data=None, timeout=0):
+        self._set("int", endpoint, buf, callback, user_data)
+
+    def setIsochronous(self, endpoint, buf, callback=None, user_data=None, timeout=0, iso_transfer_length_list=None):
+        self._set("iso", endpoint, buf, callback, user_data)
+        self.iso_lengths = iso_transfer_length_list
+
+    def setControl(self, bm, req, value, index, buf_or_len, callback=None, user_data=None, timeout=0):
+        self.kind, self.cb, self.ud = "control", callback, user_data
+        self.setup = (bm, req, value, index)
+        self.view = memoryview(bytearray(buf_or_len))
+
+    def submit(self):
+        self.submitted = True
+        self.owner.transfers.append(self)
+
+    def cancel(self):
+        self.cancelled = True
+
+    def close(self):
+        # like python-libusb1: the ctypes view of the caller's buffer goes away with the transfer
+        self.cbuf = None
+        self.view = None
+        self.closed = True
+
+    def getUserData(self):
+        return self.ud
+
+    def getStatus(self):
+        return self.status
+
+    def getActualLength(self):
+        return self.actual
+
+    def getBuffer(self):
+        return self.view
+
+    def getISOSetupList(self):
+        return [
+            {"length": n, "actual_length": a, "status": s}
+            for n, (s, a) in zip(self.iso_lengths, self.iso_results, strict=True)
+        ]
+
+    def finish(self, status=0, actual=0, data=b""):
+        if data:
+            self.view[: len(data)] = data
+        self.status, self.actual = status, actual
+        self.submitted = False
+        self.cb(self)
+
+
+class FakeHandle:
+    def __init__(self):
+        self.transfers = []
+        self.calls = []
+
+    def getTransfer(self, iso_packets=0, short_is_error=False, add_zero_packet=False):
+        return FakeTransfer(self, iso_packets, short_is_error, add_zero_packet)
+
+    def __getattr__(self, name):  # setConfiguration, claimInterface, ...: recorded
+        def call(*args):
+            self.calls.append((name, *args))
+            return 1 if name == "getConfiguration" else None
+
+        return call
+
+
+class Events:
+    mode = "fake"
+
+    def dispatch(self, fn, *args):
+        fn(*args)
+
+
+def make_device():
+    sysdev = SysfsDevice(
+        busid="1-1",
+        sysfs_path="/sys/devices/platform/dummy_hcd.0/usb1/1-1",
+        busnum=1,
+        devnum=2,
+        speed=Speed.HIGH,
+        vid=0x0525,
+        pid=0xA4A0,
+        serial="",
+        device_class=0,
+        configuration_value=1,
+        descriptors=DEV_DESC + CONFIG,
+    )
+    dev = LibusbDevice(sysdev, context=None, events=Events())
+    dev.handle = FakeHandle()
+    dev.gone = asyncio.Event()
+    return dev
+
+
+def urb(seq, ep, direction, length, buffer, **kw):
+    done = []
+    u = Urb(seq, ep, direction, length, buffer, on_complete=done.append, **kw)
+    return u, done
+
+
+def test_identity_and_record():
+    dev = make_device()
+    assert dev.busid == "1-1" and dev.devid == (1 << 16) | 2
+    assert dev.path.endswith("/usb1/1-1")
+    r = dev.record()
+    assert (r.idVendor, r.idProduct, r.bConfigurationValue, r.speed) == (0x0525, 0xA4A0, 1, 3)
+
+
+def test_bulk_in_zero_copy_short_read_and_flags():
+    dev = make_device()
+    pool = BufferPool()
+    buf = pool.acquire(4096)
+    u, done = urb(1, 1, USBIP_DIR_IN, 4096, buf, transfer_flags=URB_SHORT_NOT_OK)
+    dev.submit(u)
+    (t,) = dev.handle.transfers
+    assert t.kind == "bulk" and t.endpoint == 0x81 and t.short_is_error and not t.add_zero_packet
+    assert t.cbuf is not None  # wrapped in place: no copy
+    t.finish(m.TRANSFER_COMPLETED, 10, b"0123456789")
+    assert done == [u] and u.status == 0 and u.actual_length == 10 and bytes(memoryview(buf)[:10]) == b"0123456789"
+    assert t.closed
+    pool.release(buf)
+    assert pool.outstanding == 0
+
+
+def test_bulk_out_zero_packet_and_zero_length():
+    dev = make_device()
+    u, _done = urb(2, 1, USBIP_DIR_OUT, 512, bytearray(512), transfer_flags=URB_ZERO_PACKET)
+    dev.submit(u)
+    t = dev.handle.transfers[-1]
+    assert t.endpoint == 0x01 and t.add_zero_packet and not t.short_is_error
+    t.finish(m.TRANSFER_COMPLETED, 512)
+    assert u.status == 0 and u.actual_length == 512
+    z, zdone = urb(3, 1, USBIP_DIR_OUT, 0, b"")
+    dev.submit(z)
+    dev.handle.transfers[-1].finish(m.TRANSFER_COMPLETED, 0)
+    assert zdone and z.status == 0 and z.actual_length == 0
+
+
+def test_errors_map_and_unlink_is_econnreset():
+    dev = make_device()
+    u, _ = urb(4, 1, USBIP_DIR_IN, 64, bytearray(64))
+    dev.submit(u)
+    dev.handle.transfers[-1].finish(m.TRANSFER_STALL, 0)
+    assert u.status == -errno.EPIPE
+    c, _ = urb(5, 1, USBIP_DIR_IN, 64, bytearray(64))
+    dev.submit(c)
+    t = dev.handle.transfers[-1]
+    c.cancelled = True  # what the session sets before calling cancel
+    dev.cancel(c)
+    assert t.cancelled
+    t.finish(m.TRANSFER_CANCELLED, 0)
+    assert c.status == -errno.ECONNRESET
+
+
+def test_no_device_marks_gone():
+    async def body():
+        dev = make_device()
+        gone = []
+        dev.on_gone = gone.append
+        u, _ = urb(6, 1, USBIP_DIR_IN, 64, bytearray(64))
+        v, _ = urb(7, 1, USBIP_DIR_IN, 64, bytearray(64))
+        dev.submit(u)
+        dev.submit(v)
+        t1, t2 = dev.handle.transfers
+        t1.finish(m.TRANSFER_NO_DEVICE, 0)
+        assert u.status == -errno.ENODEV
+        await asyncio.sleep(0)
+        assert dev.is_gone and dev.gone.is_set() and gone == [dev] and t2.cancelled
+        t2.finish(m.TRANSFER_CANCELLED, 0)  # cancelled by the disconnect, not by an unlink
+        assert v.status == -errno.ESHUTDOWN
+        w, _ = urb(8, 1, USBIP_DIR_IN, 64, bytearray(64))
+        dev.submit(w)
+        assert w.done and w.status == -errno.ESHUTDOWN
+
+    asyncio.run(body())
+
+
+def test_control_special_requests_become_libusb_calls():
+    dev = make_device()
+    dev._claimed = [0]
+    u, _ = urb(9, 0, USBIP_DIR_OUT, 0, b"", setup=bytes.fromhex("0009010000000000"))
+    dev.submit(u)
+    names = [c[0] for c in dev.handle.calls]
+    assert u.status == 0 and names.index("releaseInterface") < names.index("setConfiguration")
+    assert ("setConfiguration", 1) in dev.handle.calls and ("claimInterface", 0) in dev.handle.calls
+    dev.handle.calls.clear()
+    u, _ = urb(10, 0, USBIP_DIR_OUT, 0, b"", setup=bytes.fromhex("010b010000000000"))
+    dev.submit(u)
+    assert ("setInterfaceAltSetting", 0, 1) in dev.handle.calls
+    u, _ = urb(11, 0, USBIP_DIR_OUT, 0, b"", setup=bytes.fromhex("0201000081000000"))
+    dev.submit(u)
+    assert ("clearHalt", 0x81) in dev.handle.calls and u.status == 0
+    assert dev.handle.transfers == []
+    dev.reset()
+    assert ("resetDevice",) in dev.handle.calls
+
+
+def test_control_in_through_a_transfer():
+    dev = make_device()
+    buf = bytearray(18)
+    u, _ = urb(12, 0, USBIP_DIR_IN, 18, buf, setup=bytes.fromhex("8006000100001200"))
+    dev.submit(u)
+    t = dev.handle.transfers[-1]
+    assert t.kind == "control" and t.setup == (0x80, 6, 0x100, 0)
+    t.finish(m.TRANSFER_COMPLETED, 18, DEV_DESC)
+    assert u.actual_length == 18 and bytes(buf) == DEV_DESC
+
+
+def test_iso_in_packet_by_packet():
+    dev = make_device()
+    iso = IsoPackets.layout(3, 1024)
+    buf = bytearray(3072)
+    u, _ = urb(13, 2, USBIP_DIR_IN, 3072, buf, number_of_packets=3, iso=iso)
+    dev.submit(u)
+    t = dev.handle.transfers[-1]
+    assert t.kind == "iso" and t.endpoint == 0x82 and t.iso_lengths == [1024] * 3 and t.cbuf is not None
+    t.iso_results = [(m.TRANSFER_COMPLETED, 1024), (m.TRANSFER_COMPLETED, 0), (m.TRANSFER_ERROR, 0)]
+    t.finish(m.TRANSFER_COMPLETED, 0)
+    assert u.status == 0 and u.actual_length == 1024 and u.error_count == 1
+    assert iso.tolist()[2] == (2048, 1024, 0, -errno.EPROTO)
+
+
+def test_iso_out_with_gaps_uses_a_bounce_buffer():
+    dev = make_device()
+    iso = IsoPackets.from_list([(0, 2, 0, 0), (4, 2, 0, 0)])
+    u, _ = urb(14, 2, USBIP_DIR_IN, 6, bytearray(6), number_of_packets=2, iso=iso)
+    dev.submit(u)
+    t = dev.handle.transfers[-1]
+    assert t.iso_lengths == [2, 2] and len(t.view) == 4
+    t.iso_results = [(0, 2), (0, 1)]
+    t.finish(0, 0, b"abcd")
+    assert bytes(u.buffer) == b"ab\0\0c\0" and u.actual_length == 3

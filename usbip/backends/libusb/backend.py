@@ -1,0 +1,171 @@
+"""Which host devices usbipd exports: sysfs enumeration + bind rules + hotplug by polling.
+
+:class:`LibusbBackend` keeps the server's :class:`~usbip.server.registry.Registry`
+in step with the bound devices that are plugged in:
+
+* every ``poll_interval`` seconds, and whenever a client asks for the device list
+  or an import (``Registry.refresh``), it re-reads the state file if its mtime
+  changed and rescans ``/sys/bus/usb/devices``;
+* a bound device that appears (or reappears with a new devnum) is added; one that
+  disappears or is unbound is marked gone (its pending URBs fail, the server
+  ends its session, the vhci side sees the connection close) and removed.
+
+Hotplug is polled: Debian's libusb uses udev for hotplug, which delivers
+nothing without a running udevd (containers, initramfs guests), and sysfs is
+cheap to scan.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from ..state import BindState
+from ..sysfs import SYSFS_USB, SysfsDevice, scan
+from .device import LibusbDevice
+from .events import make_events
+
+log = logging.getLogger(__name__)
+
+
+class LibusbBackend:
+    def __init__(
+        self,
+        registry: Any,
+        state_file: str | None = None,
+        *,
+        poll_interval: float = 1.0,
+        events_mode: str = "pollfd",
+        sysfs_root: str = SYSFS_USB,
+    ) -> None:
+        self.registry = registry
+        self.state = BindState(state_file)
+        self.poll_interval = max(0.1, poll_interval)
+        self.events_mode = events_mode
+        self.sysfs_root = sysfs_root
+        self.context: Any = None
+        self.events: Any = None
+        self.devices: dict[str, LibusbDevice] = {}
+        self._retired: list[LibusbDevice] = []
+        self._task: asyncio.Task[None] | None = None
+        self._hook_installed = False
+        self._last_error: str | None = None
+        self._init_failed = False
+
+    # ------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Watch the state file; libusb itself is initialised once the file has rules."""
+        hooks = getattr(self.registry, "refresh_hooks", None)
+        if hooks is not None:
+            hooks.append(self.sync)
+            self._hook_installed = True
+        log.info("libusb backend: state file %s", self.state.path)
+        self.sync()
+        self._task = asyncio.create_task(self._poll())
+
+    def _init_libusb(self) -> bool:
+        if self.context is not None:
+            return True
+        if self._init_failed:
+            return False
+        try:
+            import usb1
+
+            ctx = usb1.USBContext()
+            ctx.open()
+            self.events = make_events(ctx, asyncio.get_running_loop(), self.events_mode)
+        except Exception as exc:
+            self._init_failed = True
+            log.error("libusb cannot be initialised (%s): exporting virtual devices only", exc)
+            return False
+        self.context = ctx
+        log.info("libusb initialised, events via %s", self.events.mode)
+        return True
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval)
+            try:
+                self.sync()
+            except Exception:
+                log.exception("libusb backend: rescan failed")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._hook_installed:
+            with contextlib.suppress(ValueError):
+                self.registry.refresh_hooks.remove(self.sync)
+            self._hook_installed = False
+        for dev in list(self.devices.values()) + self._retired:
+            try:
+                dev.release()
+            except Exception:
+                log.exception("%s: release failed", dev.busid)
+        self.devices.clear()
+        self._retired.clear()
+        if self.events is not None:
+            self.events.stop()
+            self.events = None
+        if self.context is not None:
+            with contextlib.suppress(Exception):
+                self.context.close()
+            self.context = None
+
+    # ------------------------------------------------------------ rescans
+    def bound_devices(self) -> dict[str, SysfsDevice]:
+        self.state.reload_if_changed()
+        if self.state.error and self.state.error != self._last_error:
+            log.error("bind state: %s", self.state.error)
+        self._last_error = self.state.error
+        if not self.state.rules:
+            return {}
+        return {d.busid: d for d in scan(self.sysfs_root) if self.state.matches(d.identity)}
+
+    def sync(self) -> None:
+        """Bring the registry in line with the bound, present devices."""
+        wanted = self.bound_devices()
+        if not wanted and not self.devices and not self._retired:
+            return
+        if not self._init_libusb():
+            return
+        self._retired = [d for d in self._retired if d.is_open]
+        for busid, dev in list(self.devices.items()):
+            now = wanted.get(busid)
+            if now is None or now.key != dev.sysdev.key:
+                self._drop(dev, "unbound or unplugged" if now is None else "re-enumerated")
+        for busid, sysdev in wanted.items():
+            if busid in self.devices:
+                continue
+            if any(d.busid == busid for d in self._retired):
+                continue  # the previous incarnation is still being released
+            if self.registry.get(busid) is not None:
+                continue  # someone else exports this busid
+            try:
+                dev = LibusbDevice(sysdev, self.context, self.events, on_gone=self._on_gone)
+            except ValueError as exc:
+                log.warning("%s: cannot export: %s", busid, exc)
+                continue
+            self.registry.add(dev)
+            self.devices[busid] = dev
+            log.info("exporting %s: %s (%s)", busid, type(dev).__name__, dev.describe())
+
+    def _drop(self, dev: LibusbDevice, why: str) -> None:
+        log.info("%s: no longer exported (%s)", dev.busid, why)
+        self.devices.pop(dev.busid, None)
+        if self.registry.get(dev.busid) is dev:
+            self.registry.remove(dev.busid)
+        if dev.is_open:
+            self._retired.append(dev)
+        dev.on_gone = None
+        dev.mark_gone()
+
+    def _on_gone(self, dev: LibusbDevice) -> None:
+        """A transfer reported NO_DEVICE: drop it now; a rescan re-adds it if it is back."""
+        if self.devices.get(dev.busid) is dev:
+            self._drop(dev, "device reported gone")
