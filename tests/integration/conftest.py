@@ -11,19 +11,7 @@ from usbip.client import RemoteDevice, Stall
 from usbip.device import Device
 from usbip.server import Server
 
-from .helpers import wait_until
-
-
-def idle(srv: Server) -> bool:
-    """Nothing alive on the server: connections, sessions, URBs, claimed devices, pool buffers."""
-    s = srv.stats()
-    return (
-        s["connections"] == 0
-        and s["sessions"] == 0
-        and s["pending_urbs"] == 0
-        and s["busy_devices"] == 0
-        and s["pool_outstanding"] == 0
-    )
+from .helpers import idle, wait_until
 
 
 @contextlib.asynccontextmanager

@@ -193,3 +193,15 @@ async def wait_until(pred: Callable[[], bool], timeout: float = 5.0) -> bool:
             return False
         await asyncio.sleep(0.01)
     return True
+
+
+def idle(srv: Any) -> bool:
+    """Nothing alive on the server: connections, sessions, URBs, claimed devices, pool buffers."""
+    s = srv.stats()
+    return (
+        s["connections"] == 0
+        and s["sessions"] == 0
+        and s["pending_urbs"] == 0
+        and s["busy_devices"] == 0
+        and s["pool_outstanding"] == 0
+    )

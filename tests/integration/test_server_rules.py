@@ -11,20 +11,9 @@ from usbip.protocol.constants import ECONNRESET, ENOENT, ST_DEV_BUSY, ST_NODEV, 
 from usbip.protocol.records import pack_op_header
 from usbip.server import Server
 
-from .helpers import ProbeDevice, RawClient, run, wait_until
+from .helpers import ProbeDevice, RawClient, idle, run, wait_until
 
 BUSID = "100-1"
-
-
-def idle(srv: Server) -> bool:
-    s = srv.stats()
-    return (
-        s["connections"] == 0
-        and s["sessions"] == 0
-        and s["pending_urbs"] == 0
-        and s["busy_devices"] == 0
-        and s["pool_outstanding"] == 0
-    )
 
 
 async def still_serves(srv: Server) -> None:
