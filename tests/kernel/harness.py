@@ -285,7 +285,8 @@ mkdir -p /newroot/run/cyusbip /newroot{GUEST_SHARE}
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 share /newroot{GUEST_SHARE} \
     || fail "cannot mount the writable share"
 [ -f "/newroot{GUEST_SHARE}/agent.py" ] || fail "agent.py missing in share"
-[ -x "/newroot$PY" ] || fail "python $PY not executable in the guest root"
+# a venv's python is a symlink to an absolute path: resolve it inside the new root
+chroot /newroot /bin/sh -c "[ -x '$PY' ]" || fail "python $PY not executable in the guest root"
 ts "moving mounts"
 mount --move /proc /newroot/proc || fail "move /proc"
 mount --move /sys /newroot/sys || fail "move /sys"
