@@ -1,6 +1,6 @@
 """Regenerate the README's results table (markdown) and a PNG plot from the e2e JSON.
 
-    python3 benchmarks/report.py [JSON] [--png PATH]
+    python3 benchmarks/report.py [JSON] [--png PATH] [--readme README.md]
 
 JSON defaults to .benchmarks/latest.json (written by ``pytest benchmarks/test_e2e.py
 --benchmark-only``); the PNG (default: next to the JSON, same name) needs matplotlib
@@ -116,10 +116,15 @@ def plot(doc: dict[str, Any], path: pathlib.Path) -> bool:
     return True
 
 
+README_START = "<!-- bench:start -->"
+README_END = "<!-- bench:end -->"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("json", nargs="?", default=str(REPO / ".benchmarks" / "latest.json"))
     ap.add_argument("--png", default=None, help="where to write the plot (default: the JSON's name with .png)")
+    ap.add_argument("--readme", default=None, help="replace the table between the bench markers in this file")
     args = ap.parse_args(argv)
     path = pathlib.Path(args.json)
     try:
@@ -128,8 +133,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"report.py: cannot read {path}: {exc} (run pytest benchmarks/test_e2e.py --benchmark-only)",
               file=sys.stderr)
         return 1
-    print(markdown(doc))
+    table = markdown(doc)
+    print(table)
     plot(doc, pathlib.Path(args.png) if args.png else path.with_suffix(".png"))
+    if args.readme:
+        readme = pathlib.Path(args.readme)
+        text = readme.read_text()
+        start, end = text.find(README_START), text.find(README_END)
+        if start < 0 or end < start:
+            print(f"report.py: no {README_START} ... {README_END} markers in {readme}", file=sys.stderr)
+            return 1
+        readme.write_text(text[: start + len(README_START)] + "\n" + table.rstrip() + "\n" + text[end:])
     return 0
 
 
