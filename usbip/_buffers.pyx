@@ -102,6 +102,8 @@ cdef class BufferPool:
         # pool's owner let go): keep it alive until we are done with it
         cdef BufferPool keep = self
         buf.pool = None
+        if self._free is None:  # the pool is being torn down (interpreter exit)
+            return
         if buf.capacity > self.max_pooled:
             return
         free_list = self._free.setdefault(buf.capacity, [])

@@ -70,11 +70,31 @@ def test_out_of_order_completion_and_unlink_rules() -> None:
             await c.send(raw)
             (r,) = await c.replies(1)
             assert (r.command, r.seqnum, r.status) == (USBIP_RET_UNLINK, un, 0)
-            # unlink of a seqnum never submitted: also 0 (not pending)
-            un, raw = c.unlink_bytes(12345)
+            # unlink of an earlier seqnum that is not pending: also 0
+            un, raw = c.unlink_bytes(1)
             await c.send(raw)
             (r,) = await c.replies(1)
             assert (r.seqnum, r.status) == (un, 0)
+            # an unlink that arrives before its submit (vhci_tx can send them in that order): held,
+            # then answered -ECONNRESET when the submit comes, which is never run nor answered
+            early = c.seq + 2
+            un, raw = c.unlink_bytes(early)
+            await c.send(raw)
+            seq, raw = c.submit_bytes(1, True, 8)
+            assert seq == early
+            await c.send(raw)
+            (r,) = await c.replies(1)
+            assert (r.command, r.seqnum, r.status) == (USBIP_RET_UNLINK, un, ECONNRESET)
+            c.decoder.forget(early)
+            # a held unlink whose submit never comes is answered 0 once a later submit passes it
+            un, raw = c.unlink_bytes(c.seq + 2)
+            await c.send(raw)
+            c.seq += 2
+            seq, raw = c.submit_bytes(1, True, 8)
+            await c.send(raw)
+            r1, r2 = await c.replies(2)
+            assert (r1.command, r1.seqnum, r1.status) == (USBIP_RET_UNLINK, un, 0)
+            assert (r2.command, r2.seqnum, r2.status) == (USBIP_RET_SUBMIT, seq, 0)
             # a pending URB completed by the device after all: RET_SUBMIT with the data
             slow2, raw = c.submit_bytes(2, True, 64)
             await c.send(raw)

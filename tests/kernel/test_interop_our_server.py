@@ -434,10 +434,10 @@ def test_loopback_descriptors_in_sysfs(g, our_usbipd):
 #: alt 0 (bulk + interrupt): every case must pass; vary < length (case 14/21 need it)
 ALT0_CASES = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 17, 18, 19, 20, 21, 24, 25, 26, 27, 28, 29]
 #: alt 1 (usbtest's ``alt=1``: the iso endpoints too)
-# The unlink cases (11, 12, 24) run in the alt 0 pass. In this pass they once made vhci log
-# "cannot find a urb of seqnum N" (the target of an unlink whose RET_UNLINK had already arrived)
-# and drop the connection: an open bug, see the issue 4 notes; they stay out of CI until it is found.
-ALT1_CASES = [15, 16, 22, 23, 1, 2]
+# The unlink cases once made vhci log "cannot find a urb of seqnum N" here: vhci had sent the
+# CMD_UNLINK before the CMD_SUBMIT it targets (vhci_tx_loop order) and our immediate RET_UNLINK(0)
+# made it give the URB back early. The session now holds such unlinks until the submit arrives.
+ALT1_CASES = [15, 16, 22, 23, 1, 2, 11, 12, 24]
 #: pattern 1 (``usbtest pattern=1`` against ``loopback:p1``): data checked on every IN
 PATTERN1_CASES = [1, 2, 3, 4, 5, 6, 7, 8, 17, 18, 19, 20, 25, 26]
 #: must pass (no "not supported" accepted)

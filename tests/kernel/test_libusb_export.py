@@ -13,14 +13,11 @@ import pytest
 from . import gadgets
 from .gadgets import q
 
-# Known problem (issue 5, open): in about half the runs the guest's vhci stops sending after our
-# SET_CONFIGURATION completes, and `usbip port` then blocks in the guest kernel. Until that is
-# understood these tests would hang CI, so they run only when asked for.
-pytestmark = pytest.mark.skipif(
-    os.environ.get("USBIP_LIBUSB_KERNEL_TESTS") != "1",
-    reason="libusb export through vhci hangs intermittently after SET_CONFIGURATION (issue 5); "
-    "set USBIP_LIBUSB_KERNEL_TESTS=1 to run",
-)
+# Issue 5 (vhci hung after SET_CONFIGURATION): usbipd's sysfs rescan ran in the event loop and
+# read bConfigurationValue/serial of every USB device, the vhci-imported one included; those
+# attributes take the USB device lock, which the hub thread holds while it configures the
+# device through us -> the loop blocked, the next URB was never answered. Scans now run in a
+# worker thread (usbip/backends/libusb/backend.py).
 
 STATE = "/tmp/cyusbip-libusb/exported.json"
 PORT = 3240
@@ -34,21 +31,23 @@ def _usbip(guest, args: str, timeout: float = 60):
 def _start_usbipd(guest) -> tuple[int, str]:
     guest.run(f"mkdir -p /tmp/cyusbip-libusb; rm -f {STATE}", check=True)
     pid, log = guest.start_background(
-        f"USBIP_LIBUSB_DEBUG=1 {guest.python} -m usbip.cli.usbipd_main -d --host 127.0.0.1 -t {PORT}"
-        f" --state-file {STATE} --rescan-interval 0.5"
+        f"USBIP_LIBUSB_DEBUG=1 exec {guest.python} -m usbip.cli.usbipd_main -d --host 127.0.0.1 -t {PORT}"
+        f" --state-file {STATE} --rescan-interval {os.environ.get('USBIP_LIBUSB_RESCAN', '0.5')}"
     )
     hexport = f"{PORT:04X}"
     r = guest.run(
         gadgets.poll_sh(f"awk '$2 ~ /:{hexport}$/ && $4 == \"0A\" {{f=1}} END {{exit !f}}' /proc/net/tcp", 60),
         timeout=90,
     )
-    if r.rc != 0:
+    if r.rc != 0 or guest.run(f"kill -0 {pid} && ! grep -q 'cannot listen' {log}").rc != 0:
         pytest.fail("our usbipd did not start:\n" + guest.run(f"cat {log}").out)
     return pid, log
 
 
 def _stop_usbipd(guest, pid: int) -> None:
-    guest.run(f"kill {pid}; " + gadgets.poll_sh(f"! kill -0 {pid} 2>/dev/null", 15) + f" || kill -9 {pid}", timeout=40)
+    # its own session (start_background): signal the whole group, then wait for the listener to go
+    gone = f"awk '$2 ~ /:{PORT:04X}$/ && $4 == \"0A\" {{f=1}} END {{exit f}}' /proc/net/tcp"
+    guest.run(f"kill -- -{pid}; (" + gadgets.poll_sh(gone, 15) + f") || kill -9 -- -{pid}", timeout=40)
 
 
 def _bind(guest, busid: str) -> None:
@@ -76,6 +75,13 @@ def usbipd(clean_guest):
     if guest.run(f"kill -0 {pid}").rc == 0:
         _stop_usbipd(guest, pid)
     print(guest.run(f"tail -40 {log}").out)
+    left = guest.run(
+        f"grep -q '^State:.*Z' /proc/{pid}/status 2>/dev/null && exit 0; [ -d /proc/{pid} ] || exit 0; "
+        f"grep State /proc/{pid}/status; for t in /proc/{pid}/task/*; do echo $t $(cat $t/comm) $(cat $t/wchan); "
+        "cat $t/stack; done; exit 1",
+        timeout=30,
+    )
+    assert left.rc == 0, "usbipd did not exit:\n" + left.out
 
 
 def test_bind_list_and_sourcesink_import(usbipd):
@@ -95,7 +101,13 @@ def test_bind_list_and_sourcesink_import(usbipd):
     try:
         port = gadgets.vhci_attach(guest, busid, port=PORT, vid=gadgets.GADGET_ZERO_VID, pid=gadgets.GADGET_ZERO_PID)
     except Exception:
-        print(guest.run(f"echo w > /proc/sysrq-trigger; dmesg | tail -150; tail -30 {_log}", timeout=30).out)
+        print(
+            guest.run(
+                f"for t in /proc/{pid}/task/*; do echo $t; cat $t/comm $t/wchan; echo; cat $t/stack; done; "
+                f"echo w > /proc/sysrq-trigger; dmesg | tail -150; tail -30 {_log}",
+                timeout=30,
+            ).out
+        )
         raise
     local = port.local_busid
     assert local

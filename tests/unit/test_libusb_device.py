@@ -284,3 +284,69 @@ def test_iso_out_with_gaps_uses_a_bounce_buffer():
     t.iso_results = [(0, 2), (0, 1)]
     t.finish(0, 0, b"abcd")
     assert bytes(u.buffer) == b"ab\0\0c\0" and u.actual_length == 3
+
+
+def test_blocking_calls_run_in_a_worker_and_later_urbs_wait():
+    import threading
+
+    async def body():
+        dev = make_device()
+        dev._claimed = [0]
+        loop_thread = threading.get_ident()
+        gate = threading.Event()
+        threads = []
+
+        class SlowHandle(FakeHandle):
+            def setConfiguration(self, value):
+                threads.append(threading.get_ident())
+                assert gate.wait(5)
+                self.calls.append(("setConfiguration", value))
+
+        h = SlowHandle()
+        dev.handle = h
+        u, done = urb(20, 0, USBIP_DIR_OUT, 0, b"", setup=bytes.fromhex("0009010000000000"))
+        dev.submit(u)
+        # the loop is free while setConfiguration sleeps; the URB is pending
+        await asyncio.sleep(0.05)
+        assert not done and threads and threads[0] != loop_thread and dev.in_flight == 1
+        # URBs behind it wait; an unlinked one completes at once with -ECONNRESET
+        v, vdone = urb(21, 1, USBIP_DIR_IN, 64, bytearray(64))
+        w, wdone = urb(22, 1, USBIP_DIR_IN, 64, bytearray(64))
+        dev.submit(v)
+        dev.submit(w)
+        assert h.transfers == [] and not vdone
+        w.cancelled = True
+        dev.cancel(w)
+        assert wdone and w.status == -errno.ECONNRESET
+        gate.set()
+        for _ in range(100):
+            if done:
+                break
+            await asyncio.sleep(0.01)
+        assert done and u.status == 0 and ("setConfiguration", 1) in h.calls and ("claimInterface", 0) in h.calls
+        (t,) = h.transfers  # the deferred IN URB was submitted after the call returned
+        assert t.endpoint == 0x81
+        t.finish(m.TRANSFER_COMPLETED, 0)
+        assert vdone and dev.in_flight == 0
+        # a port reset runs in the worker too
+        dev.reset()
+        for _ in range(100):
+            if ("resetDevice",) in h.calls and dev._busy is None:
+                break
+            await asyncio.sleep(0.01)
+        assert ("resetDevice",) in h.calls and dev._busy is None
+        dev.release()
+
+    asyncio.run(body())
+
+
+def test_short_read_of_short_not_ok_transfer_is_eremoteio():
+    dev = make_device()
+    u, _ = urb(30, 1, USBIP_DIR_IN, 192, bytearray(192), transfer_flags=URB_SHORT_NOT_OK)
+    dev.submit(u)
+    dev.handle.transfers[-1].finish(m.TRANSFER_ERROR, 4, b"\x03\x00\x00\x00")
+    assert u.status == -errno.EREMOTEIO and u.actual_length == 4
+    v, _ = urb(31, 1, USBIP_DIR_IN, 192, bytearray(192))
+    dev.submit(v)
+    dev.handle.transfers[-1].finish(m.TRANSFER_ERROR, 0)
+    assert v.status == -errno.EPROTO

@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 MAX_PENDING = 4096  # URBs in flight per connection before the peer is treated as hostile
 MAX_PENDING_BYTES = 512 * 1024 * 1024  # IN buffers allocated for those URBs
 
+MAX_EARLY_UNLINKS = 256  # CMD_UNLINKs held for submits not seen yet
+
 _BASE_FLAGS = URB_NO_TRANSFER_DMA_MAP | URB_NO_INTERRUPT | URB_DIR_IN | URB_FREE_BUFFER
 
 
@@ -66,6 +68,11 @@ def allowed_flags(xfer_type: int, is_in: bool) -> int:
     if is_in:
         allowed |= URB_SHORT_NOT_OK
     return allowed
+
+
+def _seq_after(a: int, b: int) -> bool:
+    """Seqnum ``a`` comes after ``b`` (32-bit serial number arithmetic, so wrap-around works)."""
+    return 0 < ((a - b) & 0xFFFFFFFF) < 0x80000000
 
 
 class UrbSession:
@@ -89,6 +96,8 @@ class UrbSession:
         self._ep_cache: dict[int, tuple[int | None, int]] = {}
         self.submitted = 0
         self.completed = 0
+        self.max_seqnum = 0  # highest CMD_SUBMIT seqnum seen
+        self._early_unlinks: dict[int, int] = {}  # target seqnum -> seqnum of its early CMD_UNLINK
 
     # ------------------------------------------------------------ input
     def handle(self, messages: list[Any]) -> None:
@@ -125,6 +134,10 @@ class UrbSession:
             raise ProtocolError(f"seqnum {seqnum} is already in flight")
         if len(pending) >= MAX_PENDING:
             raise ProtocolError(f"more than {MAX_PENDING} URBs in flight")
+        if self._early_unlinks and self._settle_early_unlinks(seqnum):
+            return  # unlinked before it arrived: answered with RET_UNLINK, never submitted
+        if _seq_after(seqnum, self.max_seqnum):
+            self.max_seqnum = seqnum
         ep = msg.ep
         direction = msg.direction
         if direction == USBIP_DIR_IN:
@@ -164,7 +177,17 @@ class UrbSession:
             urb.complete(EINVAL, 0)
 
     def _unlink(self, msg: Any) -> None:
-        urb = self.pending.get(msg.unlink_seqnum)
+        target = msg.unlink_seqnum
+        urb = self.pending.get(target)
+        if urb is None and _seq_after(target, self.max_seqnum) and len(self._early_unlinks) < MAX_EARLY_UNLINKS:
+            # vhci can send a CMD_UNLINK before the CMD_SUBMIT it targets: vhci_tx_loop sends the
+            # unlink list after the submit list, and an URB queued and unlinked in between has its
+            # submit go out on the next pass. Answering 0 now would make vhci give the URB back
+            # (its priv is on priv_rx by the time RET_UNLINK arrives) and then drop the connection
+            # on the RET_SUBMIT that follows ("cannot find a urb of seqnum"). Hold the answer
+            # until the submit shows up.
+            self._early_unlinks[target] = msg.seqnum
+            return
         if urb is None or urb.done:
             # already completed: its RET_SUBMIT is (or was) queued before this reply
             self._send_ret_unlink(msg.seqnum, 0)
@@ -180,6 +203,17 @@ class UrbSession:
         except Exception:
             log.exception("device %s failed to cancel %r", self.device.busid, urb)
             urb.complete(ECONNRESET, 0)
+
+    def _settle_early_unlinks(self, seqnum: int) -> bool:
+        """Answer held unlinks now that ``seqnum`` arrived; True if it was one of their targets."""
+        early = self._early_unlinks
+        hit = early.pop(seqnum, None)
+        if hit is not None:
+            self._send_ret_unlink(hit, ECONNRESET)
+        for target in [t for t in early if not _seq_after(t, seqnum)]:
+            # submits arrive in seqnum order: this one will never come (not vhci; answer as not found)
+            self._send_ret_unlink(early.pop(target), 0)
+        return hit is not None
 
     # ------------------------------------------------------------ output
     def _send_ret_unlink(self, seqnum: int, status: int) -> None:

@@ -13,13 +13,25 @@ in step with the bound devices that are plugged in:
 Hotplug is polled: Debian's libusb uses udev for hotplug, which delivers
 nothing without a running udevd (containers, initramfs guests), and sysfs is
 cheap to scan.
+
+The scan never runs in the event loop thread: reading some sysfs attributes
+(``bConfigurationValue``, ``serial``, ...) takes the USB device lock
+(``usb_lock_device_interruptible``), and that lock is held by the hub thread
+for the whole enumeration of a device - including a device that vhci-hcd is
+enumerating *through this very server* (an import into the same host). A
+scan in the loop thread then blocks the loop, the vhci URB that enumeration
+waits for is never answered, and both sides wait forever. So the periodic
+rescan runs in a worker thread, and a refresh (device list / import request)
+applies the latest scan result and asks for a new one without waiting.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
+import time
 from typing import Any
 
 from ..state import BindState
@@ -53,17 +65,27 @@ class LibusbBackend:
         self._hook_installed = False
         self._last_error: str | None = None
         self._init_failed = False
+        self._scan_executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._scan_future: asyncio.Future[dict[str, SysfsDevice]] | None = None
+        self._wake: asyncio.Event | None = None
+        self.scan_timeout = 10.0
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
         """Watch the state file; libusb itself is initialised once the file has rules."""
         hooks = getattr(self.registry, "refresh_hooks", None)
         if hooks is not None:
-            hooks.append(self.sync)
+            hooks.append(self.refresh)
             self._hook_installed = True
         log.info("libusb backend: state file %s", self.state.path)
-        self.sync()
+        self._wake = asyncio.Event()
+        self._wake.set()  # first scan right away
         self._task = asyncio.create_task(self._poll())
+
+    def refresh(self) -> None:
+        """Registry refresh hook (loop thread): never scans here, asks the poller for a scan now."""
+        if self._wake is not None:
+            self._wake.set()
 
     def _init_libusb(self) -> bool:
         if self.context is not None:
@@ -85,12 +107,36 @@ class LibusbBackend:
         return True
 
     async def _poll(self) -> None:
+        assert self._wake is not None
         while True:
-            await asyncio.sleep(self.poll_interval)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+            self._wake.clear()
+            started = time.monotonic()
             try:
-                self.sync()
+                wanted = await self._scan()
+            except asyncio.TimeoutError:
+                log.warning("libusb backend: sysfs scan still blocked after %.1fs", self.scan_timeout)
+                continue
             except Exception:
                 log.exception("libusb backend: rescan failed")
+                continue
+            took = time.monotonic() - started
+            if took > 0.25:
+                log.info("libusb backend: sysfs scan took %.2fs (a USB device lock was held)", took)
+            try:
+                self.apply(wanted)
+            except Exception:
+                log.exception("libusb backend: rescan failed")
+
+    async def _scan(self) -> dict[str, SysfsDevice]:
+        """bound_devices() in a worker thread (bounded wait; a stuck scan is not restarted)."""
+        if self._scan_executor is None:
+            self._scan_executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="usbip-sysfs-scan")
+        if self._scan_future is None or self._scan_future.done():
+            loop = asyncio.get_running_loop()
+            self._scan_future = loop.run_in_executor(self._scan_executor, self.bound_devices)
+        return await asyncio.wait_for(asyncio.shield(self._scan_future), self.scan_timeout)
 
     async def close(self) -> None:
         if self._task is not None:
@@ -100,8 +146,12 @@ class LibusbBackend:
             self._task = None
         if self._hook_installed:
             with contextlib.suppress(ValueError):
-                self.registry.refresh_hooks.remove(self.sync)
+                self.registry.refresh_hooks.remove(self.refresh)
             self._hook_installed = False
+        if self._scan_executor is not None:
+            self._scan_executor.shutdown(wait=False, cancel_futures=True)
+            self._scan_executor = None
+            self._scan_future = None
         for dev in list(self.devices.values()) + self._retired:
             try:
                 dev.release()
@@ -128,8 +178,11 @@ class LibusbBackend:
         return {d.busid: d for d in scan(self.sysfs_root) if self.state.matches(d.identity)}
 
     def sync(self) -> None:
-        """Bring the registry in line with the bound, present devices."""
-        wanted = self.bound_devices()
+        """Scan now (blocking: not for the loop thread of a running server) and apply."""
+        self.apply(self.bound_devices())
+
+    def apply(self, wanted: dict[str, SysfsDevice]) -> None:
+        """Bring the registry in line with the bound, present devices (loop thread)."""
         if not wanted and not self.devices and not self._retired:
             return
         if not self._init_libusb():

@@ -11,6 +11,14 @@ The rules are those of ``drivers/usb/usbip/stub_rx.c`` / ``stub_tx.c``:
   ADD_ZERO_PACKET; iso maps packet by packet; an unlink cancels the transfer;
 * libusb statuses become kernel errnos (:mod:`.mapping`).
 
+The synchronous libusb calls (claim/release/detach on import, SET_CONFIGURATION,
+SET_INTERFACE, CLEAR_HALT, port reset) are usbfs ioctls that sleep on the
+device lock and on the device itself, so they run in a per-device worker
+thread, never in the event loop: the URB stays pending meanwhile (an unlink
+gets its real result when the call returns), and URBs submitted behind one of
+these calls wait for it (in order), as they would behind the kernel stub's
+synchronous ``usb_set_configuration``.
+
 Buffers: python-libusb1 wraps a *writable* buffer in place (``c_char * n``
 ``.from_buffer``), so bulk/interrupt/iso IN data lands straight in the pooled
 URB buffer, and OUT data given as a writable buffer is not copied either (a
@@ -22,6 +30,7 @@ copy each way).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -32,8 +41,10 @@ from typing import Any
 from ...descriptors import endpoint_types, walk
 from ...device import Device, Urb
 from ...protocol.constants import (
+    ECONNRESET,
     EINVAL,
     ENODEV,
+    EREMOTEIO,
     ESHUTDOWN,
     URB_SHORT_NOT_OK,
     URB_ZERO_PACKET,
@@ -45,6 +56,7 @@ from ...protocol.constants import (
 from ..sysfs import SysfsDevice, open_node, split_descriptors
 from .mapping import (
     TRANSFER_CANCELLED,
+    TRANSFER_ERROR,
     TRANSFER_NO_DEVICE,
     IsoPlan,
     apply_iso_results,
@@ -113,6 +125,9 @@ class LibusbDevice(Device):
         self._pending: dict[int, Urb] = {}  # id(urb) -> urb with a libusb transfer in flight
         self._ep_cache: dict[tuple[int, int], int] | None = None
         self.is_gone = False
+        self._worker: concurrent.futures.ThreadPoolExecutor | None = None
+        self._busy: asyncio.Future[Any] | None = None  # the libusb call running in the worker
+        self._deferred: list[Urb] = []  # URBs submitted while _busy runs, in order
         self.gone: asyncio.Event | None = None  # set when the device disappears (the server ends the session)
 
     # ------------------------------------------------------------ identity
@@ -162,13 +177,7 @@ class LibusbDevice(Device):
         self._fd = open_node(self.sysdev)
         try:
             self.handle = self.context.wrapSysDevice(self._fd)
-            try:
-                current = self.handle.getConfiguration()
-                if current:
-                    self._config_value = current
-            except Exception as exc:
-                log.debug("%s: getConfiguration: %s", self.busid, exc)
-            self._take_interfaces()
+            await self._in_worker(self._open_sync)
         except BaseException:
             self._close_handle()
             raise
@@ -179,6 +188,23 @@ class LibusbDevice(Device):
             self._claimed,
             self._detached,
         )
+
+    def _open_sync(self) -> None:
+        try:
+            current = self.handle.getConfiguration()
+            if current:
+                self._config_value = current
+        except Exception as exc:
+            log.debug("%s: getConfiguration: %s", self.busid, exc)
+        self._take_interfaces()
+
+    def _get_worker(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._worker is None:
+            self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"usbip-libusb-{self.busid}")
+        return self._worker
+
+    async def _in_worker(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._get_worker(), fn, *args)
 
     def _take_interfaces(self) -> None:
         """Detach kernel drivers from the active configuration's interfaces and claim them."""
@@ -206,17 +232,27 @@ class LibusbDevice(Device):
         self._claimed = []
 
     async def close(self) -> None:
+        if self.handle is not None and not self.is_gone:
+            # interface release / driver re-attach sleep in the kernel: not in the loop thread
+            try:
+                await asyncio.wait_for(self._in_worker(self._give_back_interfaces), 30.0)
+            except Exception as exc:
+                log.warning("%s: giving the interfaces back failed: %s", self.busid, exc)
         self._close_handle()
+
+    def _give_back_interfaces(self) -> None:
+        self._release_interfaces()
+        for ifnum in self._detached:
+            try:
+                self.handle.attachKernelDriver(ifnum)
+            except Exception as exc:
+                log.debug("%s: reattach driver of interface %d: %s", self.busid, ifnum, exc)
+        self._detached = []
 
     def _close_handle(self) -> None:
         if self.handle is not None:
             if not self.is_gone:
-                self._release_interfaces()
-                for ifnum in self._detached:
-                    try:
-                        self.handle.attachKernelDriver(ifnum)
-                    except Exception as exc:
-                        log.debug("%s: reattach driver of interface %d: %s", self.busid, ifnum, exc)
+                self._give_back_interfaces()
             self._claimed = []
             self._detached = []
             try:
@@ -228,6 +264,10 @@ class LibusbDevice(Device):
             with contextlib.suppress(OSError):
                 os.close(self._fd)
             self._fd = -1
+        self._busy = None
+        if self._worker is not None:
+            self._worker.shutdown(wait=False)
+            self._worker = None
 
     def release(self) -> None:
         self._close_handle()
@@ -238,6 +278,11 @@ class LibusbDevice(Device):
             return
         self.is_gone = True
         log.info("%s: device gone", self.busid)
+        deferred, self._deferred = self._deferred, []
+        for urb in deferred:
+            self._pending.pop(id(urb), None)
+            if not urb.done:
+                urb.complete(ESHUTDOWN, 0)
         for urb in list(self._pending.values()):
             transfer = urb.context
             if transfer is not None:
@@ -250,6 +295,14 @@ class LibusbDevice(Device):
 
     # ------------------------------------------------------------ URBs
     def submit(self, urb: Urb) -> None:
+        if self._busy is not None and not self.is_gone:
+            # behind a SET_CONFIGURATION / SET_INTERFACE / reset still running in the worker
+            self._pending[id(urb)] = urb
+            self._deferred.append(urb)
+            return
+        self._submit_now(urb)
+
+    def _submit_now(self, urb: Urb) -> None:
         if _DEBUG:
             log.debug("%s: submit %r setup=%s flags=%#x", self.busid, urb, bytes(urb.setup).hex(), urb.transfer_flags)
         if self.is_gone or self.handle is None:
@@ -325,10 +378,7 @@ class LibusbDevice(Device):
         setup = bytes(urb.setup)
         special = classify_control(setup)
         if special is not None:
-            err = self._special(special)
-            if _DEBUG:
-                log.debug("%s: %s -> %d", self.busid, special, err)
-            urb.complete(err, 0)
+            self._run_blocking(self._special, special, urb)
             return
         bm, req, value, index, length = _SETUP.unpack_from(setup, 0)
         try:
@@ -344,6 +394,53 @@ class LibusbDevice(Device):
             self._start(urb, transfer)
         except Exception as exc:
             self._submit_failed(urb, exc)
+
+    def _run_blocking(self, fn: Callable[..., int], arg: Any, urb: Urb | None) -> None:
+        """Run ``fn(arg)`` (a blocking libusb call returning an errno) in the worker thread,
+        then complete ``urb`` with its result. Inline when there is no running loop (tests)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is None:
+            err = fn(arg)
+            if err == ENODEV:
+                self.mark_gone()
+            if urb is not None and not urb.done:
+                urb.complete(err, 0)
+            return
+        if urb is not None:
+            self._pending[id(urb)] = urb
+        fut = loop.run_in_executor(self._get_worker(), fn, arg)
+        self._busy = fut
+        fut.add_done_callback(lambda f: self._blocking_done(f, arg, urb))
+
+    def _blocking_done(self, fut: asyncio.Future[Any], arg: Any, urb: Urb | None) -> None:
+        if self._busy is fut:
+            self._busy = None
+        try:
+            err = fut.result()
+        except BaseException as exc:  # CancelledError when the worker was shut down
+            log.debug("%s: %r: %r", self.busid, arg, exc)
+            err = ESHUTDOWN if self.is_gone else EINVAL
+        if _DEBUG:
+            log.debug("%s: %s -> %d", self.busid, arg, err)
+        if urb is not None:
+            self._pending.pop(id(urb), None)
+            if not urb.done:
+                urb.complete(err, 0)
+        if err == ENODEV:
+            self.mark_gone()
+        # URBs that arrived meanwhile, in order, until one of them is blocking again
+        while self._deferred and self._busy is None:
+            nxt = self._deferred.pop(0)
+            self._pending.pop(id(nxt), None)
+            if nxt.done:
+                continue
+            if nxt.cancelled:
+                nxt.complete(ECONNRESET, 0)
+                continue
+            self._submit_now(nxt)
 
     def _special(self, special: tuple[str, int, int]) -> int:
         what, a, b = special
@@ -372,21 +469,28 @@ class LibusbDevice(Device):
             code = getattr(exc, "value", None)
             err = error_to_errno(code if isinstance(code, int) else None)
             log.info("%s: %s(%d, %d) failed: %s", self.busid, what, a, b, exc)
-            if err == ENODEV:
-                self._schedule_gone()
-            return err
+            return err  # ENODEV: the caller marks the device gone (loop thread)
         return 0
 
     def reset(self) -> None:
+        """Port reset: resetDevice in the worker; URBs submitted meanwhile wait for it."""
         if self.handle is None or self.is_gone:
             return
+        self._run_blocking(self._reset_sync, "reset", None)
+
+    def _reset_sync(self, _arg: Any = None) -> int:
+        h = self.handle
+        if h is None:
+            return ENODEV
         try:
-            self.handle.resetDevice()
+            h.resetDevice()
         except Exception as exc:
             log.info("%s: reset failed: %s", self.busid, exc)
             code = getattr(exc, "value", None)
             if isinstance(code, int) and error_to_errno(code) == ENODEV:
-                self._schedule_gone()
+                return ENODEV
+            return EINVAL
+        return 0
 
     # ------------------------------------------------------------ iso
     def _iso_transfer(self, urb: Urb, address: int, is_in: bool) -> Any:
@@ -445,6 +549,16 @@ class LibusbDevice(Device):
                 err = status_to_errno(status)
                 if status == TRANSFER_CANCELLED and not urb.cancelled:
                     err = ESHUTDOWN  # cancelled because the device went away, not by an unlink
+                elif (
+                    status == TRANSFER_ERROR
+                    and urb.ep != 0
+                    and urb.direction == USBIP_DIR_IN
+                    and urb.transfer_flags & URB_SHORT_NOT_OK
+                    and actual < urb.transfer_buffer_length
+                ):
+                    # libusb reports a short read of a SHORT_NOT_OK transfer as a plain ERROR; the
+                    # kernel (and usb-storage, which treats -EPROTO as fatal) says -EREMOTEIO
+                    err = EREMOTEIO
         except Exception:
             log.exception("%s: completing %r", self.busid, urb)
             status, err, actual = None, EINVAL, 0
@@ -460,9 +574,16 @@ class LibusbDevice(Device):
             self._schedule_gone()
 
     def cancel(self, urb: Urb) -> None:
+        queued = [i for i, u in enumerate(self._deferred) if u is urb]
+        if queued:  # never started: done now
+            del self._deferred[queued[0]]
+            self._pending.pop(id(urb), None)
+            if not urb.done:
+                urb.complete(ECONNRESET, 0)
+            return
         transfer = urb.context
         if transfer is None or urb.done:
-            return
+            return  # a blocking call in the worker: completes with its result when the call returns
         try:
             transfer.cancel()
         except Exception as exc:  # already completing: its callback will report it
