@@ -33,6 +33,10 @@ log = logging.getLogger(__name__)
 OP_TIMEOUT = 30.0  # seconds a client may take to send its op request
 
 
+def _fmt_addr(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 class Server:
     """Exports the devices of a :class:`Registry` over TCP.
 
@@ -99,7 +103,7 @@ class Server:
             raise OSError(f"could not listen on any address for port {self.port}")
         for sock in self.sockets:
             self._accept_tasks.append(asyncio.create_task(self._accept_loop(sock)))
-        log.info("listening on %s", ", ".join(f"{s.getsockname()[0]}:{self.port}" for s in self.sockets))
+        log.info("listening on %s", ", ".join(_fmt_addr(s.getsockname()[0], self.port) for s in self.sockets))
 
     async def __aenter__(self) -> Server:
         await self.start()
