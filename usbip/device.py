@@ -11,6 +11,7 @@ Virtual devices (``usbip.virtual``) and the libusb backend plug in the same way.
 from __future__ import annotations
 
 import abc
+import asyncio
 
 from .protocol import Urb
 from .protocol.constants import Speed
@@ -30,6 +31,9 @@ class Device(abc.ABC):
     busnum: int
     devnum: int
     speed: Speed
+    #: Set by devices that can disappear (a real device unplugged): when the event is set the
+    #: server ends the import as if the client had closed, like the kernel stub on disconnect.
+    gone: asyncio.Event | None = None
 
     @property
     def devid(self) -> int:

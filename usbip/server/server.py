@@ -234,9 +234,8 @@ class Server:
         session = UrbSession(device, stream.write, self.pool)
         self.sessions.add(session)
         stream.start()
-        # a device that can disappear (usbip.backends.libusb) has an asyncio.Event ``gone``:
-        # when it is set, the session ends as if the peer had closed (the kernel stub does the same)
-        gone = getattr(device, "gone", None)
+        # Device.gone (set by devices that can disappear): end the session as if the peer had closed
+        gone = device.gone
         gone_task: asyncio.Future[Any] | None = None
         if isinstance(gone, asyncio.Event):
             gone_task = asyncio.ensure_future(gone.wait())
