@@ -13,6 +13,7 @@ No wall-clock figure is ever asserted; only the medians' ratios are reported.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -23,7 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,6 +75,15 @@ def env_int(name: str, default: int) -> int:
 
 def env_flag(name: str) -> bool:
     return os.environ.get(name, "") not in ("", "0", "no", "false")
+
+
+def run_settings(quick: bool, warmup: float, quick_warmup: float) -> dict[str, float]:
+    """Seconds, repeats and warm-up of each loadgen run (env overrides; a short pass when quick)."""
+    return {
+        "seconds": 0.3 if quick else env_float("USBIP_BENCH_SECONDS", 1.5),
+        "repeats": 1 if quick else env_int("USBIP_BENCH_REPEATS", 3),
+        "warmup": quick_warmup if quick else env_float("USBIP_BENCH_WARMUP", warmup),
+    }
 
 
 # ---------------------------------------------------------------- CPU accounting
@@ -612,3 +622,16 @@ def gigabit_line(g: dict[str, Any]) -> str:
         verdict = f"  (target ours >= {g['target_mb_per_s']}: {'met' if ok else 'MISSED'})"
     ceiling = f" vs TCP goodput ceiling ~{g.get('tcp_ceiling', 118)}"
     return f"gigabit {g['case']}: MB/s " + ", ".join(parts) + ceiling + verdict
+
+
+@contextlib.contextmanager
+def started_servers(kinds: Sequence[str], **kw: Any) -> Iterator[list[ServerProc]]:
+    """Start one server of each kind (in order) and stop them all, whatever happens."""
+    started: list[ServerProc] = []
+    try:
+        for kind in kinds:
+            started.append(ServerProc(kind, **kw).start())
+        yield started
+    finally:
+        for srv in reversed(started):
+            srv.stop()

@@ -21,12 +21,11 @@ from _harness import (
     PURE,
     BuildError,
     Case,
-    ServerProc,
     build,
     env_flag,
-    env_float,
-    env_int,
     interleaved,
+    run_settings,
+    started_servers,
 )
 
 BULK_SIZES_FULL = (512, 16384, 65536, 1 << 20)
@@ -63,25 +62,14 @@ def tools():
 
 @pytest.fixture(scope="session")
 def servers(tools):
-    started: list[ServerProc] = []
-    try:
-        for kind in (CEILING, OURS, PURE):
-            started.append(ServerProc(kind).start())
+    with started_servers((CEILING, OURS, PURE)) as started:
         yield started
-    finally:
-        for srv in reversed(started):
-            srv.stop()
 
 
 @pytest.fixture(scope="session")
 def settings(request, e2e_reporter):
     quick = bool(request.config.getoption("benchmark_disable"))
-    s = {
-        "seconds": 0.3 if quick else env_float("USBIP_BENCH_SECONDS", 1.5),
-        "repeats": 1 if quick else env_int("USBIP_BENCH_REPEATS", 3),
-        "warmup": 0.1 if quick else env_float("USBIP_BENCH_WARMUP", 0.3),
-        "full": env_flag("USBIP_BENCH_FULL"),
-    }
+    s: dict[str, object] = {**run_settings(quick, warmup=0.3, quick_warmup=0.1), "full": env_flag("USBIP_BENCH_FULL")}
     e2e_reporter.settings.update(s)
     return s
 

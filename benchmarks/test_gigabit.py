@@ -30,11 +30,10 @@ from _harness import (
     PYTHON,
     BuildError,
     Case,
-    ServerProc,
     build,
-    env_float,
-    env_int,
     interleaved,
+    run_settings,
+    started_servers,
 )
 
 TCP_GOODPUT_CEILING = 118.0  # MB/s of TCP payload on gigabit Ethernet (1500 MTU, timestamps)
@@ -102,24 +101,14 @@ def netns_servers(link):
     except BuildError as exc:
         pytest.skip(f"cannot build the C tools: {exc}")
     prefix = ("ip", "netns", "exec", link["ns_server"])
-    started: list[ServerProc] = []
-    try:
-        for kind in (CEILING, OURS):
-            started.append(ServerProc(kind, host=link["server"], prefix=prefix).start())
+    with started_servers((CEILING, OURS), host=link["server"], prefix=prefix) as started:
         yield started
-    finally:
-        for srv in reversed(started):
-            srv.stop()
 
 
 @pytest.fixture(scope="module")
 def gsettings(request, e2e_reporter):
     quick = bool(request.config.getoption("benchmark_disable"))
-    s = {
-        "seconds": 0.3 if quick else env_float("USBIP_BENCH_SECONDS", 1.5),
-        "repeats": 1 if quick else env_int("USBIP_BENCH_REPEATS", 3),
-        "warmup": 0.2 if quick else env_float("USBIP_BENCH_WARMUP", 0.5),
-    }
+    s = run_settings(quick, warmup=0.5, quick_warmup=0.2)
     e2e_reporter.settings["gigabit"] = s
     return s
 
