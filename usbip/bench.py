@@ -46,8 +46,21 @@ class CaseResult:
     def loadgen_json(self) -> dict[str, Any]:
         """The keys (and order) the C ``loadgen`` prints."""
         d = asdict(self)
-        return {k: d[k] for k in ("mode", "size", "inflight", "seconds", "urbs", "urbs_per_s", "mb_per_s",
-                                  "p50_us", "p99_us", "errors")}
+        return {
+            k: d[k]
+            for k in (
+                "mode",
+                "size",
+                "inflight",
+                "seconds",
+                "urbs",
+                "urbs_per_s",
+                "mb_per_s",
+                "p50_us",
+                "p99_us",
+                "errors",
+            )
+        }
 
 
 def _quantile(sorted_vals: list[float], q: float) -> float | None:
@@ -275,8 +288,10 @@ def format_results(doc: dict[str, Any]) -> str:
             ]
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    out = [f"USB/IP client benchmark: {doc['busid']} on {doc['host']}:{doc['port']} "
-           f"({doc['seconds']:g} s per case, codec {doc['codec']})"]
+    out = [
+        f"USB/IP client benchmark: {doc['busid']} on {doc['host']}:{doc['port']} "
+        f"({doc['seconds']:g} s per case, codec {doc['codec']})"
+    ]
     for n, row in enumerate(rows):
         out.append("  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(row)))
         if n == 0:

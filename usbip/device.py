@@ -66,12 +66,16 @@ class Device(abc.ABC):
         types = endpoint_types(self.configuration_descriptor(0))
         return types.get((ep, direction))
 
+    def listed_configuration(self) -> bytes:
+        """The configuration whose interfaces the device record lists (the kernel: the active one)."""
+        return self.configuration_descriptor(0)
+
     def record(self) -> DeviceRecord:
         """The 312-byte record plus interface records this device is listed with."""
         from .descriptors import interface_classes, parse_device_descriptor
 
         dd = parse_device_descriptor(self.device_descriptor)
-        cfg = self.configuration_descriptor(0)
+        cfg = self.listed_configuration()
         ifaces = tuple(InterfaceRecord(*c) for c in interface_classes(cfg))
         return DeviceRecord(
             path=self.path,

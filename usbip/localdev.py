@@ -1,68 +1,47 @@
-"""Local USB devices as Linux's sysfs shows them (``usbip list -l``) and ``usbip bind``/``unbind``.
+"""Local USB devices (``usbip list -l``) and ``usbip bind``/``unbind``.
 
-Binding does not touch the kernel (no usbip-host): it writes a rule to the bind
-state file (:mod:`usbip.backends.state`), which a running ``usbipd`` re-reads on
-change and exports through libusb.
+The devices come from sysfs or libusb (:mod:`usbip.backends.discovery`: ``auto``
+unless ``--enumerate`` / ``USBIP_ENUMERATE`` says otherwise), the same
+enumeration ``usbipd`` uses. Binding does not touch the kernel (no usbip-host):
+it writes a rule to the bind state file (:mod:`usbip.backends.state`), which a
+running ``usbipd`` re-reads on change and exports through libusb.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import re
 
 from .cli import exitcodes
 
 log = logging.getLogger("usbip")
 SYSFS_USB = "/sys/bus/usb/devices"
-_BUSID = re.compile(r"^\d+-\d+(\.\d+)*$")  # devices, not root hubs (usbN) or interfaces (1-1:1.0)
 
 
-def _read(path: str) -> str:
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except OSError:
-        return ""
-
-
-def list_local(root: str = SYSFS_USB, state_file: str | None = None) -> list[dict[str, object]]:
-    """Every USB device (not hubs' interfaces) with its ids, bound driver names and
-    whether a bind rule exports it (``bound``)."""
-    from .backends.state import BindState, DeviceIdentity
+def list_local(
+    root: str = SYSFS_USB, state_file: str | None = None, enumeration: str | None = None
+) -> list[dict[str, object]]:
+    """Every USB device but root hubs, with its ids, bound interface driver names (sysfs only)
+    and whether a bind rule exports it (``bound``). ValueError for an unknown enumeration,
+    :class:`~usbip.backends.usbdev.EnumerationError` when libusb cannot list devices."""
+    from .backends.discovery import make_scanner
+    from .backends.state import BindState
 
     state = BindState(state_file)
     state.load()
     out: list[dict[str, object]] = []
-    try:
-        names = sorted(os.listdir(root))
-    except OSError:
-        return out
-    for busid in names:
-        if not _BUSID.match(busid):
-            continue
-        d = os.path.join(root, busid)
-        drivers = []
-        for entry in sorted(os.listdir(d)):
-            if entry.startswith(busid + ":"):
-                link = os.path.join(d, entry, "driver")
-                if os.path.islink(link):
-                    drivers.append(os.path.basename(os.readlink(link)))
-        vid, pid = _read(os.path.join(d, "idVendor")), _read(os.path.join(d, "idProduct"))
-        serial = _read(os.path.join(d, "serial"))
-        ident = DeviceIdentity(busid, int(vid or "0", 16), int(pid or "0", 16), serial)
+    for dev in make_scanner(enumeration, root).scan(include_hubs=True, serials=True):
         out.append(
             {
-                "busid": busid,
-                "idVendor": vid,
-                "idProduct": pid,
-                "busnum": int(_read(os.path.join(d, "busnum")) or 0),
-                "devnum": int(_read(os.path.join(d, "devnum")) or 0),
-                "drivers": drivers,
-                "serial": serial,
-                "hub": _read(os.path.join(d, "bDeviceClass")) == "09",
-                "bound": state.matches(ident),
+                "busid": dev.busid,
+                "idVendor": f"{dev.vid:04x}",
+                "idProduct": f"{dev.pid:04x}",
+                "busnum": dev.busnum,
+                "devnum": dev.devnum,
+                "drivers": dev.drivers,
+                "serial": dev.serial,
+                "hub": dev.is_hub,
+                "bound": state.matches(dev.identity),
             }
         )
     return out
@@ -93,9 +72,11 @@ def bind_command(
     serial: str | None = None,
     state_file: str | None = None,
     root: str = SYSFS_USB,
+    enumeration: str | None = None,
 ) -> int:
     """``usbip bind``/``unbind``: add/remove a rule (busid, VID:PID or serial) in the state file."""
     from .backends.state import BindState, DeviceIdentity, make_rule
+    from .backends.usbdev import EnumerationError
 
     what = "bind" if bind else "unbind"
     try:
@@ -108,7 +89,11 @@ def bind_command(
     if state.error:
         log.error("%s: %s", what, state.error)
         return exitcodes.FAILURE
-    devices = {d["busid"]: d for d in list_local(root, state.path)}
+    try:
+        devices = {d["busid"]: d for d in list_local(root, state.path, enumeration)}
+    except (ValueError, EnumerationError) as exc:
+        log.error("%s: %s", what, exc)
+        return exitcodes.FAILURE
     if busid is not None:
         dev = devices.get(busid)
         if bind and dev is None:

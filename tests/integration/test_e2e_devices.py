@@ -18,7 +18,7 @@ from usbip.client import blocking as blocking_client
 from usbip.descriptors import DT_CONFIG, DT_INTERFACE, parse_device_descriptor, walk
 from usbip.protocol.constants import ST_DEV_BUSY, USBIP_RET_SUBMIT, USBIP_RET_UNLINK, Speed
 from usbip.server import Server
-from usbip.virtual import KeyboardDevice, LoopbackDevice, SerialDevice, StorageDevice, VirtualDevice
+from usbip.virtual import AudioDevice, KeyboardDevice, LoopbackDevice, SerialDevice, StorageDevice, VirtualDevice
 
 from .conftest import (
     CSW_FAILED,
@@ -66,6 +66,7 @@ DEVICES: dict[str, Callable[[Path], VirtualDevice]] = {
     "storage": lambda tmp: StorageDevice(tmp / "disk.img", size=1 << 20),
     "keyboard": lambda tmp: KeyboardDevice("hi"),
     "serial": lambda tmp: SerialDevice(),
+    "audio": lambda tmp: AudioDevice(),
 }
 
 

@@ -306,7 +306,7 @@ def test_client_library_against_subprocess(usbipd: Daemon) -> None:
 # ---------------------------------------------------------------- usbipd modes
 
 
-def test_demo_lists_four_devices_and_sigterm_exits_0(tmp_path: Path) -> None:
+def test_demo_lists_its_devices_and_sigterm_exits_0(tmp_path: Path) -> None:
     port = free_port()
     daemon = Daemon(["--demo", "--demo-dir", str(tmp_path)], port, tmp_path / "demo.log")
     try:
@@ -318,6 +318,7 @@ def test_demo_lists_four_devices_and_sigterm_exits_0(tmp_path: Path) -> None:
             ("100-2", "0525", "a4a5"),
             ("100-3", "1209", "0001"),
             ("100-4", "0525", "a4a7"),
+            ("100-5", "1d6b", "0101"),
         ]
         assert (tmp_path / "cyusbip-demo-disk.img").stat().st_size == 64 * 1024 * 1024
         t0 = time.monotonic()

@@ -148,6 +148,18 @@ def wait_gone(guest: Guest, busid: str, timeout: float = 30) -> None:
         raise GuestError(f"USB device {busid} still present after {timeout}s")
 
 
+def dmesg_mark(guest: Guest) -> int:
+    """Number of dmesg lines so far: ``dmesg | tail -n +{mark + 1}`` is what came after."""
+    return int(guest.run("dmesg | wc -l").out.strip() or 0)
+
+
+def assert_no_oops(guest: Guest, mark: int) -> None:
+    """No oops, BUG, GPF, panic or hung task in dmesg since ``mark``."""
+    new = guest.run(f"dmesg | tail -n +{mark + 1}").out
+    bad = [ln for ln in new.splitlines() if re.search(r"Oops|BUG:|general protection|Kernel panic|hung_task", ln)]
+    assert not bad, "kernel trouble in dmesg:\n" + new[-6000:]
+
+
 # --------------------------------------------------------------------------
 # configfs gadgets
 
@@ -188,7 +200,7 @@ def create_gadget(
 ) -> Gadget:
     """Create configfs gadget ``name`` with ``functions`` (e.g.
     ``[("SourceSink.0", {"pattern": 1})]``; attribute values are written with
-    echo), bind it to ``udc`` (default: a free dummy UDC) and wait for the
+    echo, ``bytes`` values byte for byte), bind it to ``udc`` (default: a free dummy UDC) and wait for the
     device to enumerate on the matching dummy_hcd; return a :class:`Gadget`."""
     ensure_dummy_hcd(guest)
     if modules:
@@ -222,7 +234,11 @@ def create_gadget(
     for fname, attrs in functions:
         lines.append(f"mkdir functions/{q(fname)}")
         for attr, value in attrs.items():
-            lines.append(f"echo {q(value)} > functions/{q(fname)}/{q(attr)}")
+            target = f"functions/{q(fname)}/{q(attr)}"
+            if isinstance(value, bytes):  # binary attribute (e.g. a HID report_desc): octal escapes
+                lines.append("printf '" + "".join(f"\\{b:03o}" for b in value) + f"' > {target}")
+            else:
+                lines.append(f"echo {q(value)} > {target}")
         lines.append(f"ln -s functions/{q(fname)} configs/c.1/")
     lines.append(f"echo {q(udc)} > UDC")
     r = guest.run("\n".join(lines), timeout=60)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shlex
 import struct
 import subprocess
@@ -24,6 +23,7 @@ import time
 import pytest
 
 from . import gadgets, usbtest
+from .gadgets import assert_no_oops, dmesg_mark
 from .harness import GUEST_SHARE, Guest
 from .ourserver import (
     HOST_FROM_GUEST,
@@ -36,7 +36,6 @@ LOOPBACK_VID, LOOPBACK_PID = 0x0525, 0xA4A0
 STORAGE_VID, STORAGE_PID = 0x0525, 0xA4A5
 KEYBOARD_VID, KEYBOARD_PID = 0x1209, 0x0001
 VHCI = "/sys/devices/platform/vhci_hcd.0"
-USBTEST_PARAMS = "/sys/module/usbtest/parameters"
 
 
 # ---------------------------------------------------------------- guest helpers
@@ -47,15 +46,11 @@ def g(clean_guest):
     """The clean shared guest with vhci-hcd loaded; usbtest parameters and the HID
     bus autoprobe are restored afterwards."""
     clean_guest.run("modprobe vhci-hcd", timeout=120, check=True)
-    _usbtest_defaults(clean_guest)
+    usbtest.defaults(clean_guest)
     yield clean_guest
     if clean_guest.alive:
-        _usbtest_defaults(clean_guest)
+        usbtest.defaults(clean_guest)
         clean_guest.run("[ -w /sys/bus/hid/drivers_autoprobe ] && echo 1 > /sys/bus/hid/drivers_autoprobe; true")
-
-
-def _usbtest_defaults(guest: Guest) -> None:
-    guest.run(f"[ -d {USBTEST_PARAMS} ] && echo -1 > {USBTEST_PARAMS}/alt && echo 0 > {USBTEST_PARAMS}/pattern; true")
 
 
 def our_usbip(guest: Guest, args: str, timeout: float = 90):
@@ -89,16 +84,6 @@ def wait_port_free(guest: Guest, port: int, timeout: float) -> float:
     r = guest.run(script, timeout=timeout + 30)
     assert r.rc == 0, f"vhci port {port} still in use after {timeout}s:\n" + guest.run(f"cat {VHCI}/status*").out
     return time.monotonic() - t0
-
-
-def dmesg_mark(guest: Guest) -> int:
-    return int(guest.run("dmesg | wc -l").out.strip() or 0)
-
-
-def assert_no_oops(guest: Guest, mark: int) -> None:
-    new = guest.run(f"dmesg | tail -n +{mark + 1}").out
-    bad = [ln for ln in new.splitlines() if re.search(r"Oops|BUG:|general protection|Kernel panic|hung_task", ln)]
-    assert not bad, "kernel trouble in dmesg:\n" + new[-6000:]
 
 
 def block_device_of(guest: Guest, local_busid: str, timeout: float = 60) -> str:
@@ -444,52 +429,6 @@ PATTERN1_CASES = [1, 2, 3, 4, 5, 6, 7, 8, 17, 18, 19, 20, 25, 26]
 REQUIRED = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 17, 18, 19, 20, 24}
 
 
-def _table(title: str, results: dict[int, dict]) -> str:
-    lines = [title]
-    for case, res in sorted(results.items()):
-        verdict = "pass" if res["errno"] == 0 else "not supported" if res["errno"] == usbtest.EOPNOTSUPP else "FAIL"
-        lines.append(
-            f"  {case:2d} {usbtest.CASES.get(case, '?'):45s} {verdict:13s} errno={res['errno']} {res['duration']:.3f}s"
-        )
-    return "\n".join(lines)
-
-
-def _check(results: dict[int, dict], cases: list[int], required: set[int], title: str) -> None:
-    table = _table(title, results)
-    print(table)
-    missing = [c for c in cases if c not in results]
-    failed = [c for c, res in results.items() if res["errno"] and (c in required or res["errno"] != usbtest.EOPNOTSUPP)]
-    assert not missing and not failed, f"missing {missing}, failed {failed}\n{table}"
-
-
-def _ran_in_kernel(guest: Guest, mark: int, local_busid: str, results: dict[int, dict]) -> None:
-    """usbtest logs "TEST n: ..." for every case it runs: each passing case did run on this device."""
-    log = guest.run(f"dmesg | tail -n +{mark + 1}").out
-    ran = {int(n) for n in re.findall(rf"usbtest {re.escape(local_busid)}:1\.0: TEST (\d+):", log)}
-    passed = {c for c, res in results.items() if res["errno"] == 0 and c != 0}
-    assert passed <= ran, f"cases {sorted(passed - ran)} passed without running on {local_busid}:\n{log[-3000:]}"
-
-
-def _run_usbtest(guest: Guest, mark: int, node: str, cases: list[int], **kw) -> dict[int, dict]:
-    """usbtest.run_cases with a bounded wait; on trouble, fail with vhci's own words from dmesg
-    (e.g. "cannot find a urb of seqnum N": vhci got a reply it cannot match and dropped the link)."""
-    try:
-        results = usbtest.run_cases(guest, node, cases, timeout=120, **kw)
-        err = None
-    except Exception as exc:  # CommandTimeout (a case hung), runner crash
-        results, err = {}, exc
-    log = guest.run(f"dmesg | tail -n +{mark + 1} | grep -v 'unlink retry' | grep -iE 'vhci|usbip|fail|error'").out
-    dropped = [ln for ln in log.splitlines() if "cannot find a urb" in ln or "connection" in ln.lower()]
-    assert err is None and not dropped, f"usbtest cases {cases}: {err}\n--- vhci/usbtest dmesg ---\n{log[-4000:]}"
-    return results
-
-
-def _usbtest_bound(guest: Guest, local_busid: str) -> None:
-    intf = f"/sys/bus/usb/devices/{local_busid}:1.0"
-    r = guest.run(gadgets.poll_sh(f"[ -L {intf}/driver ]", 30) + f"; readlink {intf}/driver", timeout=60)
-    assert r.rc == 0 and r.out.strip().endswith("/usbtest"), r
-
-
 def _our_attach(guest: Guest, srv, busid: str) -> tuple[int, str]:
     before = gadgets.vhci_devices(guest, LOOPBACK_VID, LOOPBACK_PID)
     r = our_usbip(guest, f"--json --tcp-port {srv.port} attach -r {HOST_FROM_GUEST} -b {busid}")
@@ -502,11 +441,11 @@ def _our_attach(guest: Guest, srv, busid: str) -> tuple[int, str]:
 def test_usbtest_through_our_client_and_server(g, our_usbipd):
     srv = our_usbipd("loopback", "loopback:p1")
     g.run("modprobe usbtest", timeout=120, check=True)
-    _usbtest_defaults(g)
+    usbtest.defaults(g)
     mark = dmesg_mark(g)
 
     port, local = _our_attach(g, srv, "100-1")
-    _usbtest_bound(g, local)
+    usbtest.wait_bound(g, local)
 
     # OUR `usbip port` shows the import; Debian's agrees on port and remote busid
     r = our_usbip(g, "--json port")
@@ -521,34 +460,34 @@ def test_usbtest_through_our_client_and_server(g, our_usbipd):
 
     node = g.run(usbtest.usbfs_node_script(local), check=True).out.strip()
     m = dmesg_mark(g)
-    res0 = _run_usbtest(g, m, node, ALT0_CASES, iterations=20, length=512, vary=64, sglen=8)
-    _check(res0, ALT0_CASES, REQUIRED, "usbtest, alt 0, pattern 0 (loopback)")
-    _ran_in_kernel(g, m, local, res0)
+    res0 = usbtest.run_checked(g, m, node, ALT0_CASES, iterations=20, length=512, vary=64, sglen=8)
+    usbtest.check(res0, ALT0_CASES, REQUIRED, "usbtest, alt 0, pattern 0 (loopback)")
+    usbtest.ran_in_kernel(g, m, local, res0)
 
     # alt 1: usbtest takes the altsetting with the iso endpoints (module parameter alt, read at probe)
     g.run(
-        f"echo 1 > {USBTEST_PARAMS}/alt && echo {local}:1.0 > /sys/bus/usb/drivers/usbtest/unbind "
+        f"echo 1 > {usbtest.PARAMS}/alt && echo {local}:1.0 > /sys/bus/usb/drivers/usbtest/unbind "
         f"&& echo {local}:1.0 > /sys/bus/usb/drivers/usbtest/bind",
         check=True,
     )
-    _usbtest_bound(g, local)
+    usbtest.wait_bound(g, local)
     assert g.run(f"cat /sys/bus/usb/devices/{local}:1.0/bAlternateSetting").out.strip() == "1"
     m = dmesg_mark(g)
-    res1 = _run_usbtest(g, m, node, ALT1_CASES, iterations=20, length=2048, vary=64, sglen=8)
-    _check(res1, ALT1_CASES, set(ALT1_CASES), "usbtest, alt 1 (iso), pattern 0 (loopback)")
-    _ran_in_kernel(g, m, local, res1)
-    _usbtest_defaults(g)
+    res1 = usbtest.run_checked(g, m, node, ALT1_CASES, iterations=20, length=2048, vary=64, sglen=8)
+    usbtest.check(res1, ALT1_CASES, set(ALT1_CASES), "usbtest, alt 1 (iso), pattern 0 (loopback)")
+    usbtest.ran_in_kernel(g, m, local, res1)
+    usbtest.defaults(g)
 
     # pattern 1: usbtest checks every IN byte against (i % maxpacket) % 63
     port_p1, local_p1 = _our_attach(g, srv, "100-2")
-    _usbtest_bound(g, local_p1)
+    usbtest.wait_bound(g, local_p1)
     node_p1 = g.run(usbtest.usbfs_node_script(local_p1), check=True).out.strip()
-    g.run(f"echo 1 > {USBTEST_PARAMS}/pattern", check=True)
+    g.run(f"echo 1 > {usbtest.PARAMS}/pattern", check=True)
     m = dmesg_mark(g)
-    res_p1 = _run_usbtest(g, m, node_p1, PATTERN1_CASES, iterations=20, length=1536, vary=100, sglen=8)
-    _check(res_p1, PATTERN1_CASES, set(PATTERN1_CASES), "usbtest, alt 0, pattern 1 (loopback:p1)")
-    _ran_in_kernel(g, m, local_p1, res_p1)
-    g.run(f"echo 0 > {USBTEST_PARAMS}/pattern", check=True)
+    res_p1 = usbtest.run_checked(g, m, node_p1, PATTERN1_CASES, iterations=20, length=1536, vary=100, sglen=8)
+    usbtest.check(res_p1, PATTERN1_CASES, set(PATTERN1_CASES), "usbtest, alt 0, pattern 1 (loopback:p1)")
+    usbtest.ran_in_kernel(g, m, local_p1, res_p1)
+    g.run(f"echo 0 > {usbtest.PARAMS}/pattern", check=True)
 
     # OUR detach removes both imports
     for p, busid in ((port, local), (port_p1, local_p1)):
@@ -601,7 +540,7 @@ def test_server_killed_mid_transfer(g, our_usbipd, tmp_path):
 
 def test_garbage_from_server(g):
     g.run("modprobe usbtest", timeout=120, check=True)
-    _usbtest_defaults(g)
+    usbtest.defaults(g)
     mark = dmesg_mark(g)
     with GarbageServer(busid="3-1") as bad:
         before = gadgets.vhci_devices(g, LOOPBACK_VID, LOOPBACK_PID)
@@ -610,7 +549,7 @@ def test_garbage_from_server(g):
         ports = [p for p in gadgets.usbip_port(g) if p.remote_busid == "3-1"]
         assert len(ports) == 1, ports
         port = ports[0].port
-        _usbtest_bound(g, local)
+        usbtest.wait_bound(g, local)
         assert not bad.garbage_sent.is_set(), bad.events  # enumeration went through endpoint 0 only
         # a bulk read: the server answers with garbage
         node = g.run(usbtest.usbfs_node_script(local), check=True).out.strip()

@@ -39,6 +39,7 @@ import ctypes
 import errno
 import json
 import os
+import re
 import struct
 import sys
 import time
@@ -202,6 +203,72 @@ def run_cases(
     if r.rc != 0:
         raise RuntimeError(f"usbtest runner failed:\n{r}")
     return results
+
+
+#: usbtest's module parameters (alt: altsetting chosen at probe, -1 = the driver's choice;
+#: pattern: 0 zeros, 1 (i % maxpacket) % 63 checked on every IN byte)
+PARAMS = "/sys/module/usbtest/parameters"
+
+
+def defaults(guest) -> None:
+    """usbtest's parameters back to alt=-1, pattern=0 (no-op if the module is not loaded)."""
+    guest.run(f"[ -d {PARAMS} ] && echo -1 > {PARAMS}/alt && echo 0 > {PARAMS}/pattern; true")
+
+
+def verdict(res: dict) -> str:
+    return "pass" if res["errno"] == 0 else "not supported" if res["errno"] == EOPNOTSUPP else "FAIL"
+
+
+def table(title: str, results: dict[int, dict]) -> str:
+    lines = [title]
+    for case, res in sorted(results.items()):
+        lines.append(
+            f"  {case:2d} {CASES.get(case, '?'):45s} {verdict(res):13s} errno={res['errno']} {res['duration']:.3f}s"
+        )
+    return "\n".join(lines)
+
+
+def check(results: dict[int, dict], cases: list[int], required: set[int], title: str) -> None:
+    """Every case ran; those in ``required`` passed, the others passed or were not supported."""
+    text = table(title, results)
+    print(text)
+    missing = [c for c in cases if c not in results]
+    failed = [c for c, res in results.items() if res["errno"] and (c in required or res["errno"] != EOPNOTSUPP)]
+    assert not missing and not failed, f"missing {missing}, failed {failed}\n{text}"
+
+
+def ran_in_kernel(guest, mark: int, local_busid: str, results: dict[int, dict]) -> None:
+    """usbtest logs "TEST n: ..." for every case it runs: each passing case did run on this device."""
+    log = guest.run(f"dmesg | tail -n +{mark + 1}").out
+    ran = {int(n) for n in re.findall(rf"usbtest {re.escape(local_busid)}:1\.0: TEST (\d+):", log)}
+    passed = {c for c, res in results.items() if res["errno"] == 0 and c != 0}
+    assert passed <= ran, f"cases {sorted(passed - ran)} passed without running on {local_busid}:\n{log[-3000:]}"
+
+
+def run_checked(guest, mark: int, node: str, cases: list[int], **kw) -> dict[int, dict]:
+    """:func:`run_cases` with a bounded wait; on trouble, fail with vhci's own words from dmesg
+    (e.g. "cannot find a urb of seqnum N": vhci got a reply it cannot match and dropped the link)."""
+    try:
+        results = run_cases(guest, node, cases, timeout=kw.pop("timeout", 120), **kw)
+        err = None
+    except Exception as exc:  # CommandTimeout (a case hung), runner crash
+        results, err = {}, exc
+    log = guest.run(f"dmesg | tail -n +{mark + 1} | grep -v 'unlink retry' | grep -iE 'vhci|usbip|fail|error'").out
+    dropped = [ln for ln in log.splitlines() if "cannot find a urb" in ln or "connection" in ln.lower()]
+    assert err is None and not dropped, f"usbtest cases {cases}: {err}\n--- vhci/usbtest dmesg ---\n{log[-4000:]}"
+    return results
+
+
+def wait_bound(guest, busid: str, timeout: float = 30) -> None:
+    """Wait until usbtest drives interface 0 of USB device ``busid``."""
+    intf = f"/sys/bus/usb/devices/{busid}:1.0"
+    end = time.monotonic() + timeout
+    while True:
+        r = guest.run(f"readlink {intf}/driver")
+        if r.out.strip().endswith("/usbtest") or time.monotonic() > end:
+            break
+        time.sleep(0.3)
+    assert r.out.strip().endswith("/usbtest"), f"{intf} driver: {r.out.strip() or 'none'}"
 
 
 if __name__ == "__main__":

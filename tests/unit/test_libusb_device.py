@@ -8,7 +8,7 @@ import errno
 
 from usbip.backends.libusb import mapping as m
 from usbip.backends.libusb.device import LibusbDevice
-from usbip.backends.sysfs import SysfsDevice
+from usbip.backends.usbdev import UsbDevice
 from usbip.device import Urb
 from usbip.pool import BufferPool
 from usbip.protocol import IsoPackets
@@ -127,9 +127,9 @@ class Events:
 
 
 def make_device():
-    sysdev = SysfsDevice(
+    sysdev = UsbDevice(
         busid="1-1",
-        sysfs_path="/sys/devices/platform/dummy_hcd.0/usb1/1-1",
+        path="/sys/devices/platform/dummy_hcd.0/usb1/1-1",
         busnum=1,
         devnum=2,
         speed=Speed.HIGH,

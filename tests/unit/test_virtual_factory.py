@@ -8,6 +8,7 @@ import pytest
 
 from usbip.protocol.constants import Speed
 from usbip.virtual import (
+    AudioDevice,
     KeyboardDevice,
     LoopbackDevice,
     SerialDevice,
@@ -50,7 +51,17 @@ def test_keyboard_and_serial_specs():
 
 @pytest.mark.parametrize(
     "spec",
-    ["", "mouse", "loopback:xx", "storage", "storage:", "storage:/nonexistent/x.img", "storage:/tmp/x:12Q", "serial:9"],
+    [
+        "",
+        "mouse",
+        "loopback:xx",
+        "storage",
+        "storage:",
+        "storage:/nonexistent/x.img",
+        "storage:/tmp/x:12Q",
+        "serial:9",
+        "audio:x",
+    ],
 )
 def test_bad_specs(spec):
     with pytest.raises(ValueError) as e:
@@ -71,9 +82,9 @@ def test_parse_size():
 
 def test_demo_devices(tmp_path):
     devs = demo_devices(tmp_path)
-    assert [type(d) for d in devs] == [LoopbackDevice, StorageDevice, KeyboardDevice, SerialDevice]
+    assert [type(d) for d in devs] == [LoopbackDevice, StorageDevice, KeyboardDevice, SerialDevice, AudioDevice]
     assert devs[1].size == 64 * 1024 * 1024
-    assert len({d.busid for d in devs}) == 4
+    assert len({d.busid for d in devs}) == 5
     for d in devs:
         rec = d.record()
         assert rec.bNumInterfaces >= 1 and rec.idVendor

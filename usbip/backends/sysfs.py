@@ -1,11 +1,13 @@
 """Local USB devices as Linux's sysfs names them (``/sys/bus/usb/devices/1-1.2``).
 
-The libusb backend enumerates through sysfs rather than ``libusb_get_device_list``:
-Debian's libusb is built with udev, and without a running udevd its cached
-device list never sees hotplug events. sysfs is always current, gives the
-busid exactly as Linux (and ``usbip list``) spells it, and holds the cached
-descriptors (the ``descriptors`` attribute: device descriptor, then every
-configuration descriptor), so listing never has to open a device.
+Where sysfs exists the libusb backend enumerates through it rather than through
+``libusb_get_device_list`` (:mod:`.discovery` chooses): Debian's libusb is built
+with udev, and without a running udevd its cached device list never sees hotplug
+events. sysfs is always current, gives the busid exactly as Linux (and ``usbip
+list``) spells it, and holds the cached descriptors (the ``descriptors``
+attribute: device descriptor, then every configuration descriptor), so listing
+never has to open a device. Without sysfs, :mod:`.libusb.enumeration` produces
+the same :class:`~.usbdev.UsbDevice` records from libusb.
 """
 
 from __future__ import annotations
@@ -13,15 +15,12 @@ from __future__ import annotations
 import os
 import re
 import stat
-from dataclasses import dataclass, field
 
 from ..protocol.constants import Speed
-from .state import DeviceIdentity
+from .usbdev import DEV_BUS_USB, HUB_CLASS, SOURCE_SYSFS, UsbDevice, busid_for, split_descriptors
 
 SYSFS_USB = "/sys/bus/usb/devices"
-DEV_BUS_USB = "/dev/bus/usb"
 BUSID_RE = re.compile(r"^\d+-\d+(\.\d+)*$")  # devices, not root hubs (usbN) or interfaces (1-1:1.0)
-HUB_CLASS = 0x09
 
 #: sysfs ``speed`` attribute -> usbip speed
 SYSFS_SPEEDS = {
@@ -34,12 +33,23 @@ SYSFS_SPEEDS = {
     "20000": Speed.SUPER_PLUS,
 }
 
+#: the record type (kept under its old name)
+SysfsDevice = UsbDevice
 
-def busid_for(bus: int, ports: list[int] | tuple[int, ...]) -> str:
-    """Linux's name for a device: bus number, then the port path joined with dots (``1-1.2``)."""
-    if not ports:
-        return f"usb{bus}"  # a root hub
-    return f"{bus}-{'.'.join(str(p) for p in ports)}"
+__all__ = [
+    "BUSID_RE",
+    "DEV_BUS_USB",
+    "HUB_CLASS",
+    "SYSFS_USB",
+    "SysfsDevice",
+    "UsbDevice",
+    "busid_for",
+    "open_node",
+    "read_device",
+    "scan",
+    "speed_from_sysfs",
+    "split_descriptors",
+]
 
 
 def speed_from_sysfs(text: str) -> Speed:
@@ -69,41 +79,7 @@ def _int(text: str, base: int = 10) -> int:
         return 0
 
 
-@dataclass
-class SysfsDevice:
-    busid: str
-    sysfs_path: str  # resolved /sys/devices/... path (what the kernel's usbipd reports)
-    busnum: int
-    devnum: int
-    speed: Speed
-    vid: int
-    pid: int
-    serial: str
-    device_class: int
-    configuration_value: int
-    descriptors: bytes = field(repr=False)
-    drivers: list[str] = field(default_factory=list)
-
-    @property
-    def identity(self) -> DeviceIdentity:
-        return DeviceIdentity(self.busid, self.vid, self.pid, self.serial)
-
-    @property
-    def is_hub(self) -> bool:
-        return self.device_class == HUB_CLASS
-
-    @property
-    def node(self) -> str:
-        """The usbfs node libusb opens."""
-        return f"{DEV_BUS_USB}/{self.busnum:03d}/{self.devnum:03d}"
-
-    @property
-    def key(self) -> tuple[str, int, int]:
-        """Changes when the device is unplugged and plugged again (new devnum)."""
-        return (self.busid, self.busnum, self.devnum)
-
-
-def read_device(busid: str, root: str = SYSFS_USB) -> SysfsDevice | None:
+def read_device(busid: str, root: str = SYSFS_USB) -> UsbDevice | None:
     d = os.path.join(root, busid)
     if not os.path.isdir(d):
         return None
@@ -118,9 +94,9 @@ def read_device(busid: str, root: str = SYSFS_USB) -> SysfsDevice | None:
             link = os.path.join(d, entry, "driver")
             if os.path.islink(link):
                 drivers.append(os.path.basename(os.readlink(link)))
-    return SysfsDevice(
+    return UsbDevice(
         busid=busid,
-        sysfs_path=os.path.realpath(d),
+        path=os.path.realpath(d),
         busnum=_int(_read(os.path.join(d, "busnum"))),
         devnum=_int(_read(os.path.join(d, "devnum"))),
         speed=speed_from_sysfs(_read(os.path.join(d, "speed"))),
@@ -131,10 +107,11 @@ def read_device(busid: str, root: str = SYSFS_USB) -> SysfsDevice | None:
         configuration_value=_int(_read(os.path.join(d, "bConfigurationValue")) or "0"),
         descriptors=descriptors,
         drivers=drivers,
+        source=SOURCE_SYSFS,
     )
 
 
-def scan(root: str = SYSFS_USB, include_hubs: bool = False) -> list[SysfsDevice]:
+def scan(root: str = SYSFS_USB, include_hubs: bool = False) -> list[UsbDevice]:
     """Every USB device under ``root`` (hubs only with include_hubs), by busid."""
     try:
         names = sorted(os.listdir(root))
@@ -151,23 +128,7 @@ def scan(root: str = SYSFS_USB, include_hubs: bool = False) -> list[SysfsDevice]
     return out
 
 
-def split_descriptors(blob: bytes) -> tuple[bytes, list[bytes]]:
-    """sysfs ``descriptors`` -> (device descriptor, [configuration descriptors])."""
-    dev = blob[:18]
-    configs = []
-    pos = 18
-    while pos + 4 <= len(blob):
-        if blob[pos + 1] != 2 or blob[pos] < 4:  # not a configuration descriptor: stop
-            break
-        total = blob[pos + 2] | (blob[pos + 3] << 8)
-        if total < blob[pos]:
-            break
-        configs.append(bytes(blob[pos : pos + total]))
-        pos += total
-    return bytes(dev), configs
-
-
-def open_node(dev: SysfsDevice, root: str = SYSFS_USB) -> int:
+def open_node(dev: UsbDevice, root: str = SYSFS_USB) -> int:
     """Open the device's usbfs node read-write; create it from sysfs ``dev`` if
     devtmpfs/udev did not (minimal systems, initramfs guests)."""
     node = dev.node

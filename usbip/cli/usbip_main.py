@@ -15,6 +15,16 @@ from . import exitcodes
 from .logs import setup_logging
 
 log = logging.getLogger("usbip")
+ENUMERATE_HELP = (
+    "how local devices are found: sysfs (/sys/bus/usb/devices), libusb (its device list: no sysfs needed) "
+    "or auto, sysfs when it exists (default: $USBIP_ENUMERATE or auto)"
+)
+
+
+def _add_enumerate(p: argparse.ArgumentParser) -> None:
+    from ..backends.discovery import MODES
+
+    p.add_argument("--enumerate", choices=MODES, default=None, metavar="{" + ",".join(MODES) + "}", help=ENUMERATE_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-l", "--local", action="store_true", help="list the local USB devices")
     g.add_argument("-d", "--device", action="store_true", help="list the local usbip-vudc devices (not supported)")
     ls.add_argument("-p", "--parsable", action="store_true", help="parsable list format")
+    _add_enumerate(ls)
 
     at = sub.add_parser("attach", help="import a remote device through vhci-hcd")
     at.add_argument("-r", "--remote", metavar="HOST", required=True)
@@ -48,8 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
         rg.add_argument("-b", "--busid")
         rg.add_argument("--vidpid", metavar="VID:PID", help="rule: every device with these ids")
         rg.add_argument("--serial", metavar="S", help="rule: the device with this serial number")
-        bp.add_argument("--state-file", metavar="FILE", help="bind state file (default $USBIP_STATE_FILE or "
-                        "/var/lib/cyusbip/exported.json)")
+        bp.add_argument(
+            "--state-file",
+            metavar="FILE",
+            help="bind state file (default $USBIP_STATE_FILE or /var/lib/cyusbip/exported.json)",
+        )
+        _add_enumerate(bp)
 
     be = sub.add_parser("bench", help="benchmark a remote device with this client (control latency, bulk IN/OUT)")
     be.add_argument("-r", "--remote", metavar="HOST", required=True)
@@ -125,9 +140,14 @@ def cmd_list(args: argparse.Namespace) -> int:
             print(format_remote_list(args.remote, records))
         return exitcodes.OK
     if args.local:
+        from ..backends.usbdev import EnumerationError
         from ..localdev import format_local_list, list_local
 
-        devices = list_local()
+        try:
+            devices = list_local(enumeration=args.enumerate)
+        except (ValueError, EnumerationError) as exc:
+            log.error("list: %s", exc)
+            return exitcodes.FAILURE
         if args.json:
             print(json.dumps({"devices": devices}, indent=2))
         else:
@@ -166,6 +186,7 @@ def cmd_bind(args: argparse.Namespace) -> int:
         vidpid=args.vidpid,
         serial=args.serial,
         state_file=args.state_file,
+        enumeration=args.enumerate,
     )
 
 

@@ -12,6 +12,8 @@ import sys
 import tempfile
 
 from .. import __version__
+from ..backends.discovery import MODES
+from ..backends.discovery import resolve as resolve_enumeration
 from ..protocol.constants import USBIP_PORT
 from . import exitcodes
 from .logs import setup_logging
@@ -46,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="SPEC",
-        help="export a virtual device: loopback, loopback:ss, storage:PATH:SIZE[:ro], keyboard:TEXT, serial",
+        help="export a virtual device: loopback, loopback:ss, storage:PATH:SIZE[:ro], keyboard:TEXT, serial, audio",
     )
     p.add_argument("--demo", action="store_true", help="export one virtual device of each kind")
     p.add_argument("--demo-dir", default=None, help="where --demo keeps its disk image (default: a temp dir)")
@@ -65,6 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--rescan-interval", type=float, default=1.0, metavar="SECONDS", help="hotplug/state-file poll period"
+    )
+    p.add_argument(
+        "--enumerate",
+        choices=MODES,
+        default=None,
+        metavar="{" + ",".join(MODES) + "}",
+        help="how host devices are found: sysfs (/sys/bus/usb/devices), libusb (its own device list: containers "
+        "without /sys, other systems) or auto, sysfs when it exists (default: $USBIP_ENUMERATE or auto)",
     )
     return p
 
@@ -95,6 +105,12 @@ async def _run(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as exc:
         log.error("%s", exc)
         return exitcodes.USAGE
+    if not args.no_libusb:
+        try:
+            resolve_enumeration(args.enumerate)  # an unknown $USBIP_ENUMERATE is a usage error too
+        except ValueError as exc:
+            log.error("%s", exc)
+            return exitcodes.USAGE
     family = socket.AF_INET if args.ipv4 else socket.AF_INET6 if args.ipv6 else socket.AF_UNSPEC
     server = Server(devices, host=args.host, port=args.tcp_port, family=family)
     try:
@@ -111,6 +127,7 @@ async def _run(args: argparse.Namespace) -> int:
             args.state_file,
             poll_interval=args.rescan_interval,
             events_mode=args.libusb_events,
+            enumeration=args.enumerate,
         )
         try:
             backend.start()

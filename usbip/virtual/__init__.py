@@ -9,6 +9,9 @@
   bytes; may be empty, ``storage:PATH`` or ``storage:PATH::ro``, for an existing image)
 * ``keyboard:TEXT`` - HID keyboard typing TEXT (``\\n`` is Enter)
 * ``serial`` - CDC-ACM serial port bridged to a local PTY (``device.pty_path``)
+* ``audio`` / ``audio:RATE[,RATE...]`` / ``audio:fs`` - USB Audio Class 2.0 stereo 16-bit
+  capture (a frame-counter test signal) and playback (counted); 48 kHz unless rates are
+  given (the first one is the initial rate); high speed unless ``:fs``
 """
 
 from __future__ import annotations
@@ -16,8 +19,10 @@ from __future__ import annotations
 import os
 
 from ..protocol.constants import Speed
+from .audio import AudioDevice
 from .framework import (
     DEFERRED,
+    Association,
     Configuration,
     Endpoint,
     Interface,
@@ -36,6 +41,8 @@ from .storage import StorageDevice, parse_size
 
 __all__ = [
     "DEFERRED",
+    "Association",
+    "AudioDevice",
     "Configuration",
     "Endpoint",
     "Interface",
@@ -64,7 +71,7 @@ _SPEEDS = {
     "super": Speed.SUPER,
 }
 
-SPEC_HELP = "loopback[:hs|:ss|:fs][:p1], storage:PATH[:SIZE][:ro], keyboard:TEXT, serial"
+SPEC_HELP = "loopback[:hs|:ss|:fs][:p1], storage:PATH[:SIZE][:ro], keyboard:TEXT, serial, audio[:RATE,...][:fs]"
 
 
 def make_device(spec: str) -> VirtualDevice:
@@ -104,7 +111,23 @@ def make_device(spec: str) -> VirtualDevice:
         if rest:
             raise ValueError(f"bad serial spec {spec!r}: takes no options")
         return SerialDevice()
+    if kind == "audio":
+        return _audio(spec, rest)
     raise ValueError(f"unknown virtual device {spec!r}; expected one of: {SPEC_HELP}")
+
+
+def _audio(spec: str, rest: str) -> AudioDevice:
+    speed, rates = Speed.HIGH, [48000]
+    for opt in filter(None, rest.split(":")):
+        o = opt.lower()
+        if o in ("fs", "full", "hs", "high"):
+            speed = _SPEEDS[o]
+            continue
+        try:
+            rates = [int(r) for r in o.split(",")]
+        except ValueError:
+            raise ValueError(f"bad audio option {opt!r} in {spec!r} (use fs, hs or rates like 44100,48000)") from None
+    return AudioDevice(rates, speed=speed)
 
 
 def demo_devices(tmpdir: str | os.PathLike[str]) -> list[VirtualDevice]:
@@ -115,4 +138,5 @@ def demo_devices(tmpdir: str | os.PathLike[str]) -> list[VirtualDevice]:
         StorageDevice(path, size=64 * 1024 * 1024),
         KeyboardDevice("Hello from cyusbip!\n"),
         SerialDevice(),
+        AudioDevice(),
     ]

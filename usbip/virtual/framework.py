@@ -64,6 +64,7 @@ DT_INTERFACE = 0x04
 DT_ENDPOINT = 0x05
 DT_DEVICE_QUALIFIER = 0x06
 DT_OTHER_SPEED_CONFIG = 0x07
+DT_INTERFACE_ASSOCIATION = 0x0B
 DT_BOS = 0x0F
 DT_DEVICE_CAPABILITY = 0x10
 DT_SS_ENDPOINT_COMP = 0x30
@@ -156,12 +157,27 @@ class Interface:
 
 
 @dataclass
+class Association:
+    """An Interface Association Descriptor (USB 2.0 ECN "IAD"): ``count`` interfaces from
+    ``first`` form one function (UAC2 requires one around its AudioControl and AudioStreaming
+    interfaces). It is emitted right before the first interface's alternate setting 0."""
+
+    first: int
+    count: int
+    cls: int
+    subclass: int = 0
+    protocol: int = 0
+    name: str | None = None
+
+
+@dataclass
 class Configuration:
     interfaces: Sequence[Interface]
     value: int = 1
     attributes: int = 0x80  # bus powered; 0x40 self powered, 0x20 remote wakeup
     max_power_ma: int = 100
     name: str | None = None
+    associations: Sequence[Association] = ()
 
     def interface_numbers(self) -> list[int]:
         return sorted({i.number for i in self.interfaces})
@@ -264,6 +280,19 @@ def config_descriptor(
     """The full configuration descriptor blob of ``config`` at ``speed``."""
     body = bytearray()
     for intf in config.interfaces:
+        for a in config.associations:
+            if a.first == intf.number and intf.alternate == 0:
+                body += struct.pack(
+                    "<BBBBBBBB",
+                    8,
+                    DT_INTERFACE_ASSOCIATION,
+                    a.first,
+                    a.count,
+                    a.cls,
+                    a.subclass,
+                    a.protocol,
+                    strings(a.name),
+                )
         body += struct.pack(
             "<BBBBBBBBB",
             9,
@@ -644,6 +673,19 @@ class VirtualDevice(Device):
         for urb, task in list(self._tasks.items()):
             urb.complete(status, 0)
             task.cancel()
+
+    def park(self, urb: Urb, abort: Callable[[Urb, int], None]) -> None:
+        """Keep ``urb`` pending until the device completes it (after :meth:`unpark`).
+
+        ``abort(urb, status)`` must complete it early: it is called on cancel (-ECONNRESET),
+        halt (-EPIPE), when its endpoint leaves the active alternate setting (-ESHUTDOWN) or
+        on reset. :class:`WaitQueue` is the FIFO flavour of this.
+        """
+        self._waiting[urb] = abort
+
+    def unpark(self, urb: Urb) -> None:
+        """``urb`` is no longer abortable through :meth:`park` (the device completes it now)."""
+        self._waiting.pop(urb, None)
 
     @property
     def pending_count(self) -> int:

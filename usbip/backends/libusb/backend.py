@@ -1,18 +1,19 @@
-"""Which host devices usbipd exports: sysfs enumeration + bind rules + hotplug by polling.
+"""Which host devices usbipd exports: device enumeration + bind rules + hotplug by polling.
 
 :class:`LibusbBackend` keeps the server's :class:`~usbip.server.registry.Registry`
 in step with the bound devices that are plugged in:
 
 * every ``poll_interval`` seconds, and whenever a client asks for the device list
   or an import (``Registry.refresh``), it re-reads the state file if its mtime
-  changed and rescans ``/sys/bus/usb/devices``;
+  changed and rescans the devices: through ``/sys/bus/usb/devices`` or through libusb
+  (:mod:`usbip.backends.discovery` picks, ``enumeration``);
 * a bound device that appears (or reappears with a new devnum) is added; one that
   disappears or is unbound is marked gone (its pending URBs fail, the server
   ends its session, the vhci side sees the connection close) and removed.
 
 Hotplug is polled: Debian's libusb uses udev for hotplug, which delivers
 nothing without a running udevd (containers, initramfs guests), and sysfs is
-cheap to scan.
+cheap to scan (the libusb enumeration re-enumerates with a fresh context).
 
 The scan never runs in the event loop thread: reading some sysfs attributes
 (``bConfigurationValue``, ``serial``, ...) takes the USB device lock
@@ -22,7 +23,9 @@ enumerating *through this very server* (an import into the same host). A
 scan in the loop thread then blocks the loop, the vhci URB that enumeration
 waits for is never answered, and both sides wait forever. So the periodic
 rescan runs in a worker thread, and a refresh (device list / import request)
-applies the latest scan result and asks for a new one without waiting.
+applies the latest scan result and asks for a new one without waiting. The
+libusb enumeration reads the same attributes through libusb (or, without sysfs,
+opens device nodes, which takes the same lock), so it runs there too.
 """
 
 from __future__ import annotations
@@ -34,8 +37,10 @@ import logging
 import time
 from typing import Any
 
+from ..discovery import make_scanner
 from ..state import BindState
-from ..sysfs import SYSFS_USB, SysfsDevice, scan
+from ..sysfs import SYSFS_USB
+from ..usbdev import EnumerationError, UsbDevice
 from .device import LibusbDevice
 from .events import make_events
 
@@ -51,12 +56,16 @@ class LibusbBackend:
         poll_interval: float = 1.0,
         events_mode: str = "pollfd",
         sysfs_root: str = SYSFS_USB,
+        enumeration: str | None = None,
     ) -> None:
         self.registry = registry
         self.state = BindState(state_file)
         self.poll_interval = max(0.1, poll_interval)
         self.events_mode = events_mode
         self.sysfs_root = sysfs_root
+        self.scanner = make_scanner(enumeration, sysfs_root)  # ValueError: unknown enumeration
+        # a sysfs scan reads files; a libusb one also creates a context (and a thread, with udev)
+        self.slow_scan = 0.25 if self.scanner.source == "sysfs" else 2.0
         self.context: Any = None
         self.events: Any = None
         self.devices: dict[str, LibusbDevice] = {}
@@ -64,9 +73,10 @@ class LibusbBackend:
         self._task: asyncio.Task[None] | None = None
         self._hook_installed = False
         self._last_error: str | None = None
+        self._last_scan_error: str | None = None
         self._init_failed = False
         self._scan_executor: concurrent.futures.ThreadPoolExecutor | None = None
-        self._scan_future: asyncio.Future[dict[str, SysfsDevice]] | None = None
+        self._scan_future: asyncio.Future[dict[str, UsbDevice]] | None = None
         self._wake: asyncio.Event | None = None
         self.scan_timeout = 10.0
 
@@ -77,7 +87,7 @@ class LibusbBackend:
         if hooks is not None:
             hooks.append(self.refresh)
             self._hook_installed = True
-        log.info("libusb backend: state file %s", self.state.path)
+        log.info("libusb backend: state file %s, devices found through %s", self.state.path, self.scanner.describe())
         self._wake = asyncio.Event()
         self._wake.set()  # first scan right away
         self._task = asyncio.create_task(self._poll())
@@ -116,23 +126,29 @@ class LibusbBackend:
             try:
                 wanted = await self._scan()
             except asyncio.TimeoutError:
-                log.warning("libusb backend: sysfs scan still blocked after %.1fs", self.scan_timeout)
+                log.warning("libusb backend: device scan still blocked after %.1fs", self.scan_timeout)
+                continue
+            except EnumerationError as exc:
+                if str(exc) != self._last_scan_error:
+                    log.error("libusb backend: %s", exc)
+                self._last_scan_error = str(exc)
                 continue
             except Exception:
                 log.exception("libusb backend: rescan failed")
                 continue
+            self._last_scan_error = None
             took = time.monotonic() - started
-            if took > 0.25:
-                log.info("libusb backend: sysfs scan took %.2fs (a USB device lock was held)", took)
+            if took > self.slow_scan:
+                log.info("libusb backend: device scan took %.2fs (a USB device lock was held?)", took)
             try:
                 self.apply(wanted)
             except Exception:
                 log.exception("libusb backend: rescan failed")
 
-    async def _scan(self) -> dict[str, SysfsDevice]:
+    async def _scan(self) -> dict[str, UsbDevice]:
         """bound_devices() in a worker thread (bounded wait; a stuck scan is not restarted)."""
         if self._scan_executor is None:
-            self._scan_executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="usbip-sysfs-scan")
+            self._scan_executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="usbip-scan")
         if self._scan_future is None or self._scan_future.done():
             loop = asyncio.get_running_loop()
             self._scan_future = loop.run_in_executor(self._scan_executor, self.bound_devices)
@@ -168,20 +184,21 @@ class LibusbBackend:
             self.context = None
 
     # ------------------------------------------------------------ rescans
-    def bound_devices(self) -> dict[str, SysfsDevice]:
+    def bound_devices(self) -> dict[str, UsbDevice]:
         self.state.reload_if_changed()
         if self.state.error and self.state.error != self._last_error:
             log.error("bind state: %s", self.state.error)
         self._last_error = self.state.error
         if not self.state.rules:
             return {}
-        return {d.busid: d for d in scan(self.sysfs_root) if self.state.matches(d.identity)}
+        serials = any("serial" in rule for rule in self.state.rules)  # libusb opens devices to read them
+        return {d.busid: d for d in self.scanner.scan(serials=serials) if self.state.matches(d.identity)}
 
     def sync(self) -> None:
         """Scan now (blocking: not for the loop thread of a running server) and apply."""
         self.apply(self.bound_devices())
 
-    def apply(self, wanted: dict[str, SysfsDevice]) -> None:
+    def apply(self, wanted: dict[str, UsbDevice]) -> None:
         """Bring the registry in line with the bound, present devices (loop thread)."""
         if not wanted and not self.devices and not self._retired:
             return

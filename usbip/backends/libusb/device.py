@@ -53,7 +53,7 @@ from ...protocol.constants import (
     XFER_INT,
     XFER_ISOC,
 )
-from ..sysfs import SysfsDevice, open_node, split_descriptors
+from ..usbdev import UsbDevice, split_descriptors
 from .mapping import (
     TRANSFER_CANCELLED,
     TRANSFER_ERROR,
@@ -63,6 +63,7 @@ from .mapping import (
     error_to_errno,
     status_to_errno,
 )
+from .opening import open_handle
 
 log = logging.getLogger(__name__)
 _DEBUG = bool(os.environ.get("USBIP_LIBUSB_DEBUG"))
@@ -97,11 +98,11 @@ def classify_control(setup: bytes) -> tuple[str, int, int] | None:
 
 
 class LibusbDevice(Device):
-    """One host device found in sysfs, opened through libusb on import."""
+    """One host device (found through sysfs or libusb), opened through libusb on import."""
 
     def __init__(
         self,
-        sysdev: SysfsDevice,
+        sysdev: UsbDevice,
         context: Any,
         events: Any,
         on_gone: Callable[[LibusbDevice], None] | None = None,
@@ -113,7 +114,7 @@ class LibusbDevice(Device):
         self.speed = sysdev.speed
         self._dev_desc, self._configs = split_descriptors(sysdev.descriptors)
         if len(self._dev_desc) != 18:
-            raise ValueError(f"{sysdev.busid}: no device descriptor in sysfs")
+            raise ValueError(f"{sysdev.busid}: no device descriptor ({sysdev.source})")
         self._config_value = sysdev.configuration_value
         self.context = context
         self.events = events
@@ -133,7 +134,7 @@ class LibusbDevice(Device):
     # ------------------------------------------------------------ identity
     @property
     def path(self) -> str:
-        return self.sysdev.sysfs_path
+        return self.sysdev.path
 
     @property
     def device_descriptor(self) -> bytes:
@@ -150,6 +151,9 @@ class LibusbDevice(Device):
                 return cfg
         return self.configuration_descriptor(0)
 
+    def listed_configuration(self) -> bytes:
+        return self.active_configuration()
+
     @property
     def configuration_value(self) -> int:
         return self._config_value
@@ -163,7 +167,7 @@ class LibusbDevice(Device):
 
     def describe(self) -> str:
         s = self.sysdev
-        return f"{s.vid:04x}:{s.pid:04x} {s.node}"
+        return f"{s.vid:04x}:{s.pid:04x} {s.node}, found through {s.source}"
 
     # ------------------------------------------------------------ import / release
     @property
@@ -174,9 +178,8 @@ class LibusbDevice(Device):
         if self.is_gone:
             raise OSError(f"{self.busid} is gone")
         self.gone = asyncio.Event()
-        self._fd = open_node(self.sysdev)
         try:
-            self.handle = self.context.wrapSysDevice(self._fd)
+            self.handle, self._fd = open_handle(self.context, self.sysdev)
             await self._in_worker(self._open_sync)
         except BaseException:
             self._close_handle()

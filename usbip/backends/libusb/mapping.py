@@ -34,7 +34,15 @@ _STATUS_ERRNO = {
 }
 
 # enum libusb_speed -> usbip speed
-_LIBUSB_SPEEDS = {0: Speed.UNKNOWN, 1: Speed.LOW, 2: Speed.FULL, 3: Speed.HIGH, 4: Speed.SUPER, 5: Speed.SUPER_PLUS}
+_LIBUSB_SPEEDS = {
+    0: Speed.UNKNOWN,
+    1: Speed.LOW,
+    2: Speed.FULL,
+    3: Speed.HIGH,
+    4: Speed.SUPER,
+    5: Speed.SUPER_PLUS,
+    6: Speed.SUPER_PLUS,  # LIBUSB_SPEED_SUPER_PLUS_X2 (20 Gbit/s): sysfs "20000", also SUPER_PLUS for usbip
+}
 
 # enum libusb_error (negative) -> errno for synchronous calls (set_configuration, ...)
 LIBUSB_ERROR_IO = -1
