@@ -14,6 +14,7 @@ from usbip.virtual.keyboard import BOOT_KEYBOARD_REPORT
 
 from . import gadgets, usbtest
 from .gadgets import assert_no_oops, dmesg_mark, q
+from .ourserver import HOST_FROM_GUEST, our_usbipd_fixture  # noqa: F401  (the our_usbipd fixture)
 
 # Issue 5 (vhci hung after SET_CONFIGURATION): usbipd's sysfs rescan ran in the event loop and
 # read bConfigurationValue/serial of every USB device, the vhci-imported one included; those
@@ -52,10 +53,12 @@ def _stop_usbipd(guest, pid: int) -> None:
     guest.run(f"kill -- -{pid}; (" + gadgets.poll_sh(gone, 15) + f") || kill -9 -- -{pid}", timeout=40)
 
 
-def _our_attach(guest, busid: str, vid: int, pid: int) -> str:
-    """OUR ``usbip attach`` of busid from our usbipd; the local busid under vhci_hcd."""
+def _our_attach(guest, busid: str, vid: int, pid: int, vhci_port: int | None = None) -> str:
+    """OUR ``usbip attach`` of busid from our usbipd (on ``vhci_port`` if given); the local
+    busid under vhci_hcd."""
     before = gadgets.vhci_devices(guest, vid, pid)
-    r = _usbip(guest, f"-t {PORT} attach -r 127.0.0.1 -b {q(busid)}")
+    choice = "" if vhci_port is None else f" -p {vhci_port}"
+    r = _usbip(guest, f"-t {PORT} attach -r 127.0.0.1 -b {q(busid)}{choice}")
     assert r.rc == 0, r.out
     return gadgets.wait_for_device(guest, vid, pid, "/vhci_hcd.", timeout=60, exclude=before)
 
@@ -410,3 +413,60 @@ def test_hid_gadget_reports_both_ways(usbipd):
     r = guest.run(gadgets.poll_sh(f"readlink /sys/bus/usb/devices/{intf}/driver | grep -q /usbhid$", 30), timeout=60)
     assert r.rc == 0, _driver(guest, intf)
     assert guest.run(f"kill -0 {pid}").rc == 0
+
+
+# ---------------------------------------------------------------- iso: a vhci device exported again
+
+# dummy_hcd offers no iso endpoints (dummy_hcd.c: "we don't provide isochronous endpoints since
+# we don't support them"), so no configfs gadget can stream iso there. The guest gets a real USB
+# device with iso endpoints another way: our virtual loopback, served from the host and imported
+# by the guest's vhci-hcd (hop 1). Our usbipd in the guest exports that device through libusb and
+# the guest imports it a second time (hop 2): iso URBs then go vhci -> our server -> libusb ->
+# usbfs -> vhci -> our host server and back.
+# Hop 2 goes to another vhci controller than hop 1: a controller's hub thread holds its
+# bandwidth_mutex while it sends SET_CONFIGURATION (usb_set_configuration), and exporting hop 1
+# means doing SET_CONFIGURATION on hop 1 (the kernel stub does the same) -> on one controller
+# both wait for each other (seen: the hub thread stuck in usb_kill_urb, our worker in usbfs).
+# No comparison with the kernel's usbip-host here: Debian's `usbip bind` refuses a device attached
+# to vhci_hcd ("bind loop detected").
+ISO_CASES = [15, 16, 22, 23, 1, 2]
+ISO_ARGS = {"iterations": 10, "length": 2048, "vary": 64, "sglen": 8, "timeout": 240}
+
+
+def _free_port_on_second_vhci(guest) -> int:
+    """A free high-speed port of vhci_hcd.1 (status.1 lists that controller's ports)."""
+    out = guest.run("cat /sys/devices/platform/vhci_hcd.0/status.1", check=True).out
+    for line in out.splitlines():
+        f = line.split()
+        if len(f) >= 3 and f[0] == "hs" and f[2] == "004":
+            return int(f[1])
+    raise AssertionError("no free high-speed port on vhci_hcd.1:\n" + out)
+
+
+def test_iso_usbtest_through_libusb_export(usbipd, our_usbipd):
+    guest, pid, _log = usbipd
+    srv = our_usbipd("loopback")
+    vid, pid_ = gadgets.GADGET_ZERO_VID, gadgets.GADGET_ZERO_PID
+    gadgets.modprobe(guest, "usbtest")
+    mark = dmesg_mark(guest)
+    try:
+        hop1 = gadgets.vhci_attach(guest, "100-1", HOST_FROM_GUEST, srv.port, vid=vid, pid=pid_, timeout=60)
+        _bind(guest, hop1.local_busid)
+        _wait_exportable(guest, hop1.local_busid)
+        guest.run(f"echo 1 > {usbtest.PARAMS}/alt", check=True)  # usbtest takes the iso altsetting at probe
+        hop2 = _our_attach(guest, hop1.local_busid, vid, pid_, vhci_port=_free_port_on_second_vhci(guest))
+        assert guest.run(f"cat /sys/bus/usb/devices/{hop2}:1.0/bAlternateSetting").out.strip() == "1"
+        ours = _usbtest_on(guest, hop2, "usbtest, iso, through our libusb export", ISO_CASES, ISO_ARGS)
+        for p in gadgets.usbip_port(guest):
+            if p.remote_busid == hop1.local_busid and p.url.startswith(f"usbip://127.0.0.1:{PORT}/"):
+                gadgets.vhci_detach(guest, p.port)
+        # released: usbtest drives the hop 1 device again
+        intf = f"{hop1.local_busid}:1.0"
+        back = gadgets.poll_sh(f"readlink /sys/bus/usb/devices/{intf}/driver | grep -q /usbtest$", 30)
+        r = guest.run(back, timeout=60)
+        assert r.rc == 0, _driver(guest, intf)
+        assert guest.run(f"kill -0 {pid}").rc == 0
+    finally:
+        usbtest.defaults(guest)
+    assert_no_oops(guest, mark)
+    assert set(ours.values()) == {"pass"}, ours

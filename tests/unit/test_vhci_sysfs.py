@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -93,3 +94,18 @@ def test_full_hub_and_missing_driver(tree: Path) -> None:
         drv.free_port(Speed.HIGH)
     with pytest.raises(VhciError, match="vhci-hcd is not loaded"):
         VhciDriver(str(tree / "nowhere"))
+
+
+def test_a_chosen_port_must_exist_be_free_and_match_the_speed(tree: Path) -> None:
+    drv = VhciDriver(str(tree / "platform"), str(tree / "run"))
+    assert drv.check_port(4, Speed.HIGH) == 4  # second controller's high-speed hub
+    assert drv.check_port(6, Speed.SUPER) == 6
+    assert drv.check_port(6) == 6  # no speed: only free and existing
+    with pytest.raises(VhciError, match="port 0 is in use") as busy:
+        drv.check_port(0, Speed.HIGH)
+    assert busy.value.errno == errno.EBUSY
+    with pytest.raises(VhciError, match="is a ss port") as wrong:
+        drv.check_port(6, Speed.HIGH)
+    assert wrong.value.errno == errno.EINVAL
+    with pytest.raises(VhciError, match="no vhci port 8"):
+        drv.check_port(8)

@@ -47,6 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     at = sub.add_parser("attach", help="import a remote device through vhci-hcd")
     at.add_argument("-r", "--remote", metavar="HOST", required=True)
     at.add_argument("-b", "--busid", required=True)
+    at.add_argument(
+        "-p",
+        "--port",
+        type=int,
+        default=None,
+        help="the vhci port to use (must be free; `usbip port` numbering); default: the first free one",
+    )
 
     de = sub.add_parser("detach", help="detach an imported device from a vhci-hcd port")
     de.add_argument("-p", "--port", type=int, required=True)
@@ -161,7 +168,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_attach(args: argparse.Namespace) -> int:
     from ..vhci.commands import attach_command
 
-    return attach_command(args.remote, args.tcp_port, args.busid, as_json=args.json)
+    return attach_command(args.remote, args.tcp_port, args.busid, as_json=args.json, port=args.port)
 
 
 def cmd_detach(args: argparse.Namespace) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import logging
 import os
 import signal
@@ -152,6 +153,8 @@ async def _run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.debug, "usbipd")
+    # `kill -USR1 <pid>`: every thread's Python stack on stderr (a stuck libusb call, a hang)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     if args.daemon:
         _daemonize()
     if args.pid:

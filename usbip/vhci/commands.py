@@ -18,14 +18,21 @@ SYSFS_USB = "/sys/bus/usb/devices"
 ATTACH_RETRIES = 8  # another process may take the free port between our read and our write (EBUSY)
 
 
-async def attach(host: str, tcp_port: int, busid: str, driver: VhciDriver | None = None) -> int:
-    """Import ``busid`` from ``host`` and hand the connection to vhci-hcd; return the vhci port."""
+async def attach(
+    host: str, tcp_port: int, busid: str, driver: VhciDriver | None = None, port: int | None = None
+) -> int:
+    """Import ``busid`` from ``host`` and hand the connection to vhci-hcd; return the vhci port.
+    ``port``: that vhci port (it must be free), else the first free one for the device's speed."""
     drv = driver or VhciDriver()
+    if port is not None:
+        drv.check_port(port)  # a bad or busy port fails before the import; its hub is checked below
     sock, record = await Connection(host, tcp_port).import_socket(busid)
     try:
         sock.setblocking(True)  # the kernel takes the socket as the tool's blocking one
-        for _ in range(ATTACH_RETRIES):
-            port = drv.free_port(record.speed)
+        tries = 1 if port is not None else ATTACH_RETRIES
+        chosen = port
+        for _ in range(tries):
+            port = drv.check_port(chosen, record.speed) if chosen is not None else drv.free_port(record.speed)
             try:
                 drv.attach(port, sock.fileno(), record.devid, record.speed)
             except VhciError as exc:
@@ -98,15 +105,15 @@ def format_ports(ports: list[dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
-def attach_command(host: str, tcp_port: int, busid: str, as_json: bool = False) -> int:
+def attach_command(host: str, tcp_port: int, busid: str, as_json: bool = False, port: int | None = None) -> int:
     try:
-        port = asyncio.run(attach(host, tcp_port, busid))
+        port = asyncio.run(attach(host, tcp_port, busid, port=port))
     except ImportRefused as exc:
         log.error("%s", exc)
         return exitcodes.REFUSED
     except VhciError as exc:
         log.error("%s", exc.strerror or exc)
-        return exitcodes.NO_DRIVER
+        return exitcodes.USAGE if exc.errno == errno.EINVAL else exitcodes.NO_DRIVER
     except ProtocolError as exc:
         log.error("%s:%d: %s", host, tcp_port, exc)
         return exitcodes.FAILURE

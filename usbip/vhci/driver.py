@@ -131,6 +131,19 @@ class VhciDriver:
                 return p.port
         raise VhciError(errno.EBUSY, f"no free {'super' if hub == 'ss' else 'high'}-speed vhci port")
 
+    def check_port(self, port: int, speed: int | None = None) -> int:
+        """``port`` if it is free (and on the hub for ``speed``, if given): a caller's choice of port."""
+        hub = None if speed is None else "ss" if speed >= Speed.SUPER else "hs"
+        for p in self.ports():
+            if p.port != port:
+                continue
+            if hub is not None and p.hub != hub:
+                raise VhciError(errno.EINVAL, f"vhci port {port} is a {p.hub} port; this device needs an {hub} port")
+            if p.status != VDEV_ST_NULL:
+                raise VhciError(errno.EBUSY, f"vhci port {port} is in use")
+            return port
+        raise VhciError(errno.EINVAL, f"no vhci port {port} (ports 0-{len(self.ports()) - 1})")
+
     def attach(self, port: int, sockfd: int, devid: int, speed: int) -> None:
         self._write("attach", f"{port} {sockfd} {devid} {speed}")
 
