@@ -31,7 +31,6 @@ opens device nodes, which takes the same lock), so it runs there too.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import logging
 import time
@@ -41,6 +40,7 @@ from ..discovery import make_scanner
 from ..state import BindState
 from ..sysfs import SYSFS_USB
 from ..usbdev import EnumerationError, UsbDevice
+from ..worker import DaemonWorker
 from .device import LibusbDevice
 from .events import make_events
 
@@ -75,7 +75,7 @@ class LibusbBackend:
         self._last_error: str | None = None
         self._last_scan_error: str | None = None
         self._init_failed = False
-        self._scan_executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._scan_executor: DaemonWorker | None = None
         self._scan_future: asyncio.Future[dict[str, UsbDevice]] | None = None
         self._wake: asyncio.Event | None = None
         self.scan_timeout = 10.0
@@ -148,7 +148,7 @@ class LibusbBackend:
     async def _scan(self) -> dict[str, UsbDevice]:
         """bound_devices() in a worker thread (bounded wait; a stuck scan is not restarted)."""
         if self._scan_executor is None:
-            self._scan_executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="usbip-scan")
+            self._scan_executor = DaemonWorker("usbip-scan")
         if self._scan_future is None or self._scan_future.done():
             loop = asyncio.get_running_loop()
             self._scan_future = loop.run_in_executor(self._scan_executor, self.bound_devices)

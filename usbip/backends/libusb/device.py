@@ -30,7 +30,6 @@ copy each way).
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import logging
 import os
@@ -54,6 +53,7 @@ from ...protocol.constants import (
     XFER_ISOC,
 )
 from ..usbdev import UsbDevice, split_descriptors
+from ..worker import DaemonWorker
 from .mapping import (
     TRANSFER_CANCELLED,
     TRANSFER_ERROR,
@@ -126,7 +126,7 @@ class LibusbDevice(Device):
         self._pending: dict[int, Urb] = {}  # id(urb) -> urb with a libusb transfer in flight
         self._ep_cache: dict[tuple[int, int], int] | None = None
         self.is_gone = False
-        self._worker: concurrent.futures.ThreadPoolExecutor | None = None
+        self._worker: DaemonWorker | None = None
         self._busy: asyncio.Future[Any] | None = None  # the libusb call running in the worker
         self._deferred: list[Urb] = []  # URBs submitted while _busy runs, in order
         self.gone: asyncio.Event | None = None  # set when the device disappears (the server ends the session)
@@ -201,9 +201,9 @@ class LibusbDevice(Device):
             log.debug("%s: getConfiguration: %s", self.busid, exc)
         self._take_interfaces()
 
-    def _get_worker(self) -> concurrent.futures.ThreadPoolExecutor:
+    def _get_worker(self) -> DaemonWorker:
         if self._worker is None:
-            self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"usbip-libusb-{self.busid}")
+            self._worker = DaemonWorker(f"usbip-libusb-{self.busid}")
         return self._worker
 
     async def _in_worker(self, fn: Callable[..., Any], *args: Any) -> Any:
