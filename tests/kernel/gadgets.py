@@ -16,6 +16,7 @@ import dataclasses
 import re
 import shlex
 import time
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 
 try:  # imported as tests.kernel.gadgets or as a top-level module (rootdir/conftest)
@@ -148,14 +149,27 @@ def wait_gone(guest: Guest, busid: str, timeout: float = 30) -> None:
         raise GuestError(f"USB device {busid} still present after {timeout}s")
 
 
-def dmesg_mark(guest: Guest) -> int:
-    """Number of dmesg lines so far: ``dmesg | tail -n +{mark + 1}`` is what came after."""
-    return int(guest.run("dmesg | wc -l").out.strip() or 0)
+def dmesg_mark(guest: Guest) -> str:
+    """Put a unique marker line into the kernel log; :func:`dmesg_since` returns what came after.
+    (Counting lines breaks once the ring buffer is full and old lines drop out.)"""
+    token = f"cyusbip-mark-{uuid.uuid4().hex}"
+    guest.run(f"echo {token} > /dev/kmsg", check=True)
+    return token
 
 
-def assert_no_oops(guest: Guest, mark: int) -> None:
+def dmesg_since_sh(mark: str) -> str:
+    """Shell snippet printing the kernel log after ``mark`` (all of it if the marker dropped out)."""
+    f = "/tmp/.dmesg.$$"
+    return f"dmesg > {f}; if grep -q {mark} {f}; then sed '1,/{mark}/d' {f}; else cat {f}; fi; rm -f {f}"
+
+
+def dmesg_since(guest: Guest, mark: str) -> str:
+    return guest.run(dmesg_since_sh(mark)).out
+
+
+def assert_no_oops(guest: Guest, mark: str) -> None:
     """No oops, BUG, GPF, panic or hung task in dmesg since ``mark``."""
-    new = guest.run(f"dmesg | tail -n +{mark + 1}").out
+    new = dmesg_since(guest, mark)
     bad = [ln for ln in new.splitlines() if re.search(r"Oops|BUG:|general protection|Kernel panic|hung_task", ln)]
     assert not bad, "kernel trouble in dmesg:\n" + new[-6000:]
 

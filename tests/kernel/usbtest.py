@@ -210,6 +210,12 @@ def run_cases(
 PARAMS = "/sys/module/usbtest/parameters"
 
 
+def _dmesg_since_sh(mark: str) -> str:
+    from .gadgets import dmesg_since_sh  # host side only: this file also runs in the guest as a script
+
+    return dmesg_since_sh(mark)
+
+
 def defaults(guest) -> None:
     """usbtest's parameters back to alt=-1, pattern=0 (no-op if the module is not loaded)."""
     guest.run(f"[ -d {PARAMS} ] && echo -1 > {PARAMS}/alt && echo 0 > {PARAMS}/pattern; true")
@@ -237,15 +243,15 @@ def check(results: dict[int, dict], cases: list[int], required: set[int], title:
     assert not missing and not failed, f"missing {missing}, failed {failed}\n{text}"
 
 
-def ran_in_kernel(guest, mark: int, local_busid: str, results: dict[int, dict]) -> None:
+def ran_in_kernel(guest, mark: str, local_busid: str, results: dict[int, dict]) -> None:
     """usbtest logs "TEST n: ..." for every case it runs: each passing case did run on this device."""
-    log = guest.run(f"dmesg | tail -n +{mark + 1}").out
+    log = guest.run(_dmesg_since_sh(mark)).out
     ran = {int(n) for n in re.findall(rf"usbtest {re.escape(local_busid)}:1\.0: TEST (\d+):", log)}
     passed = {c for c, res in results.items() if res["errno"] == 0 and c != 0}
     assert passed <= ran, f"cases {sorted(passed - ran)} passed without running on {local_busid}:\n{log[-3000:]}"
 
 
-def run_checked(guest, mark: int, node: str, cases: list[int], **kw) -> dict[int, dict]:
+def run_checked(guest, mark: str, node: str, cases: list[int], **kw) -> dict[int, dict]:
     """:func:`run_cases` with a bounded wait; on trouble, fail with vhci's own words from dmesg
     (e.g. "cannot find a urb of seqnum N": vhci got a reply it cannot match and dropped the link)."""
     try:
@@ -253,7 +259,7 @@ def run_checked(guest, mark: int, node: str, cases: list[int], **kw) -> dict[int
         err = None
     except Exception as exc:  # CommandTimeout (a case hung), runner crash
         results, err = {}, exc
-    log = guest.run(f"dmesg | tail -n +{mark + 1} | grep -v 'unlink retry' | grep -iE 'vhci|usbip|fail|error'").out
+    log = guest.run(f"({_dmesg_since_sh(mark)}) | grep -v 'unlink retry' | grep -iE 'vhci|usbip|fail|error'").out
     dropped = [ln for ln in log.splitlines() if "cannot find a urb" in ln or "connection" in ln.lower()]
     assert err is None and not dropped, f"usbtest cases {cases}: {err}\n--- vhci/usbtest dmesg ---\n{log[-4000:]}"
     return results
