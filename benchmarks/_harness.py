@@ -463,8 +463,21 @@ def table_rows(results: list[dict[str, Any]]) -> list[list[str]]:
     Server CPU is in seconds per million URBs (= us per URB) for the URB/s and latency
     cases and in seconds per GB for the MB/s cases.
     """
-    rows = [["case", "metric", "ceiling", "ours", "ours-pure", "ours/ceiling", "ours/pure",
-             "CPU unit", "CPU ceiling", "CPU ours", "CPU pure"]]
+    rows = [
+        [
+            "case",
+            "metric",
+            "ceiling",
+            "ours",
+            "ours-pure",
+            "ours/ceiling",
+            "ours/pure",
+            "CPU unit",
+            "CPU ceiling",
+            "CPU ours",
+            "CPU pure",
+        ]
+    ]
     for r in results:
         med = r["medians"]
         metric = r["metric"]

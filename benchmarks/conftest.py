@@ -12,8 +12,12 @@ import pytest
 NO_EXTENSIONS = os.environ.get("USBIP_NO_EXTENSIONS", "") not in ("", "0")
 CODEC_MODULES = {"python": "usbip.protocol.codec", "cython": "usbip.protocol._codec"}
 # targets from the design: compiled >= 5x pure on headers, >= 10x on iso work
-TARGETS = {"cmd_submit header": 5.0, "ret_submit header": 5.0, "iso 32 descriptors": 10.0,
-           "iso 32x1024 unpad/pad": 10.0}
+TARGETS = {
+    "cmd_submit header": 5.0,
+    "ret_submit header": 5.0,
+    "iso 32 descriptors": 10.0,
+    "iso 32x1024 unpad/pad": 10.0,
+}
 
 
 @pytest.fixture(scope="session", params=list(CODEC_MODULES), ids=list(CODEC_MODULES))
@@ -82,8 +86,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         verdict = ""
         if target is not None:
             verdict = f"  target >= {target:.0f}x: {'met' if r['ratio'] >= target else 'MISSED'}"
-        tr.write_line(f"{group:28s} python {r['python'] * 1e6:10.2f} us   cython {r['cython'] * 1e6:10.2f} us"
-                      f"   ratio {r['ratio']:6.1f}x{verdict}")
+        tr.write_line(
+            f"{group:28s} python {r['python'] * 1e6:10.2f} us   cython {r['cython'] * 1e6:10.2f} us"
+            f"   ratio {r['ratio']:6.1f}x{verdict}"
+        )
 
 
 # ---------------------------------------------------------------- end-to-end benchmarks

@@ -130,8 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         doc = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        print(f"report.py: cannot read {path}: {exc} (run pytest benchmarks/test_e2e.py --benchmark-only)",
-              file=sys.stderr)
+        print(
+            f"report.py: cannot read {path}: {exc} (run pytest benchmarks/test_e2e.py --benchmark-only)",
+            file=sys.stderr,
+        )
         return 1
     table = markdown(doc)
     print(table)

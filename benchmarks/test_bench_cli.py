@@ -12,8 +12,20 @@ from _harness import CEILING, OURS, PYTHON, REPO, BuildError, ServerProc, build
 from usbip.bench import first_bulk_endpoints, plan
 from usbip.cli import exitcodes
 
-RESULT_KEYS = {"name", "mode", "endpoint", "size", "inflight", "seconds", "urbs", "urbs_per_s", "mb_per_s",
-               "p50_us", "p99_us", "errors"}
+RESULT_KEYS = {
+    "name",
+    "mode",
+    "endpoint",
+    "size",
+    "inflight",
+    "seconds",
+    "urbs",
+    "urbs_per_s",
+    "mb_per_s",
+    "p50_us",
+    "p99_us",
+    "errors",
+}
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +35,9 @@ def ours():
 
 
 def usbip(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([PYTHON, "-m", "usbip.cli.usbip_main", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=str(REPO))
+    return subprocess.run(
+        [PYTHON, "-m", "usbip.cli.usbip_main", *args], capture_output=True, text=True, timeout=timeout, cwd=str(REPO)
+    )
 
 
 def check_doc(doc: dict, busid: str, bulk_in: int, bulk_out: int) -> None:

@@ -53,8 +53,9 @@ def _tc(ns: str, dev: str, with_netem: bool) -> str:
         if r.returncode == 0:
             return " ".join(spec)
     spec = ["tbf", "rate", "1gbit", "burst", "32kb", "latency", "10ms", "overhead", "24"]
-    subprocess.run(["tc", "-n", ns, "qdisc", "add", "dev", dev, "root", *spec], capture_output=True, text=True,
-                   check=True)
+    subprocess.run(
+        ["tc", "-n", ns, "qdisc", "add", "dev", dev, "root", *spec], capture_output=True, text=True, check=True
+    )
     return " ".join(spec)
 
 
@@ -146,13 +147,19 @@ def tcp_goodput(link, seconds: float, warmup: float, reverse: bool = False) -> f
     rx_ns, tx_ns, rx_addr = (link["ns_server"], link["ns_client"], link["server"])
     if reverse:
         rx_ns, tx_ns, rx_addr = (link["ns_client"], link["ns_server"], link["client"])
-    sink = subprocess.Popen(["ip", "netns", "exec", rx_ns, PYTHON, "-c", _SINK, rx_addr, str(warmup), str(seconds)],
-                            stdout=subprocess.PIPE, text=True)
+    sink = subprocess.Popen(
+        ["ip", "netns", "exec", rx_ns, PYTHON, "-c", _SINK, rx_addr, str(warmup), str(seconds)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert sink.stdout is not None
         port = sink.stdout.readline().strip()
-        subprocess.run(["ip", "netns", "exec", tx_ns, PYTHON, "-c", _SOURCE, rx_addr, port, str(warmup + seconds + 1)],
-                       timeout=warmup + seconds + 30, check=False)
+        subprocess.run(
+            ["ip", "netns", "exec", tx_ns, PYTHON, "-c", _SOURCE, rx_addr, port, str(warmup + seconds + 1)],
+            timeout=warmup + seconds + 30,
+            check=False,
+        )
         out, _ = sink.communicate(timeout=30)
         return float(out.strip().splitlines()[-1])
     finally:
@@ -173,9 +180,13 @@ def test_tcp_goodput(benchmark, link, gsettings, e2e_reporter):
     benchmark.pedantic(run, rounds=1, iterations=1)
     benchmark.extra_info.update({"tcp_out_mb_per_s": box["fwd"], "tcp_in_mb_per_s": box["rev"], "qdisc": link["qdisc"]})
     e2e_reporter.gigabit.append(
-        {"case": "raw TCP client->server / server->client", "servers": ["tcp-out", "tcp-in"],
-         "medians": {"tcp-out": {"mb_per_s": box["fwd"]}, "tcp-in": {"mb_per_s": box["rev"]}},
-         "qdisc": link["qdisc"], "tcp_ceiling": TCP_GOODPUT_CEILING}
+        {
+            "case": "raw TCP client->server / server->client",
+            "servers": ["tcp-out", "tcp-in"],
+            "medians": {"tcp-out": {"mb_per_s": box["fwd"]}, "tcp-in": {"mb_per_s": box["rev"]}},
+            "qdisc": link["qdisc"],
+            "tcp_ceiling": TCP_GOODPUT_CEILING,
+        }
     )
     assert box["fwd"] > 0 and box["rev"] > 0
 
@@ -187,13 +198,20 @@ def test_gigabit(benchmark, case, link, netns_servers, gsettings, e2e_reporter):
     client = ("ip", "netns", "exec", link["ns_client"])
 
     def run():
-        box["r"] = interleaved(case, netns_servers, gsettings["repeats"], gsettings["seconds"], gsettings["warmup"],
-                               prefix=client)
+        box["r"] = interleaved(
+            case, netns_servers, gsettings["repeats"], gsettings["seconds"], gsettings["warmup"], prefix=client
+        )
 
     benchmark.pedantic(run, rounds=1, iterations=1)
     doc = box["r"].to_json()
-    doc.update({"servers": [CEILING, OURS], "qdisc": link["qdisc"], "tcp_ceiling": TCP_GOODPUT_CEILING,
-                "target_mb_per_s": TARGET})
+    doc.update(
+        {
+            "servers": [CEILING, OURS],
+            "qdisc": link["qdisc"],
+            "tcp_ceiling": TCP_GOODPUT_CEILING,
+            "target_mb_per_s": TARGET,
+        }
+    )
     e2e_reporter.gigabit.append(doc)
     med = doc["medians"]
     benchmark.extra_info.update({f"{s}_mb_per_s": m["mb_per_s"] for s, m in med.items()})

@@ -30,8 +30,11 @@ def load_twin(name: str) -> ModuleType:
     except ImportError as exc:
         if NO_EXTENSIONS:
             pytest.skip(f"{name} unavailable and USBIP_NO_EXTENSIONS=1: {exc}")
-        pytest.fail(f"compiled extension {name} cannot be imported ({exc}); build it with "
-                    "`python3 setup.py build_ext --inplace` or set USBIP_NO_EXTENSIONS=1", pytrace=False)
+        pytest.fail(
+            f"compiled extension {name} cannot be imported ({exc}); build it with "
+            "`python3 setup.py build_ext --inplace` or set USBIP_NO_EXTENSIONS=1",
+            pytrace=False,
+        )
 
 
 @pytest.fixture(scope="session", params=list(CODEC_MODULES), ids=list(CODEC_MODULES))
@@ -142,8 +145,14 @@ def cmd_submit_spec(draw, seqnum: int, max_payload: int = 300) -> Spec:
 @st.composite
 def cmd_unlink_spec(draw, seqnum: int) -> Spec:
     devid, direction, ep, victim = draw(U32), draw(st.sampled_from([0, 1])), draw(U32), draw(U32)
-    return Spec("cmd_unlink", (seqnum, devid, direction, ep, victim), None, None, None,
-                (2, seqnum, devid, direction, ep, victim))
+    return Spec(
+        "cmd_unlink",
+        (seqnum, devid, direction, ep, victim),
+        None,
+        None,
+        None,
+        (2, seqnum, devid, direction, ep, victim),
+    )
 
 
 @st.composite
@@ -175,8 +184,14 @@ def ret_submit_spec(draw, seqnum: int, max_payload: int = 300) -> Spec:
 def ret_unlink_spec(draw, seqnum: int) -> Spec:
     status = draw(st.sampled_from([0, -104]) | S32)
     devid, direction, ep = draw(st.just((0, 0, 0)) | st.tuples(U32, U32, U32))
-    return Spec("ret_unlink", (seqnum, status, devid, direction, ep), None, None, None,
-                (4, seqnum, devid, direction, ep, status))
+    return Spec(
+        "ret_unlink",
+        (seqnum, status, devid, direction, ep),
+        None,
+        None,
+        None,
+        (4, seqnum, devid, direction, ep, status),
+    )
 
 
 @st.composite
@@ -202,30 +217,64 @@ def fixed_stream(role: str) -> list[Spec]:
         setup = bytes.fromhex("8006000100001200")
         p1, p3 = bytes(range(100)), bytes(range(200, 224))
         return [
-            Spec("cmd_submit", (1, 0x30005, 1, 0, 0x200, 18, 0, 0, 0, setup), None, None, None,
-                 (1, 1, 0x30005, 1, 0, 0x200, 18, 0, 0, 0, setup, None, None)),
-            Spec("cmd_submit", (2, 0x30005, 0, 2, 0, 100, 0, -1, 0, bytes(8)), p1, None, None,
-                 (1, 2, 0x30005, 0, 2, 0, 100, 0, -1, 0, bytes(8), p1, None)),
-            Spec("cmd_submit", (3, 0x30005, 0, 2, 0, 0, 0, 0, 0, bytes(8)), b"", None, None,
-                 (1, 3, 0x30005, 0, 2, 0, 0, 0, 0, 0, bytes(8), b"", None)),
-            Spec("cmd_submit", (4, 0x30005, 0, 3, 2, 24, 7, 3, 1, bytes(8)), p3, iso, None,
-                 (1, 4, 0x30005, 0, 3, 2, 24, 7, 3, 1, bytes(8), p3, iso_bytes(iso))),
+            Spec(
+                "cmd_submit",
+                (1, 0x30005, 1, 0, 0x200, 18, 0, 0, 0, setup),
+                None,
+                None,
+                None,
+                (1, 1, 0x30005, 1, 0, 0x200, 18, 0, 0, 0, setup, None, None),
+            ),
+            Spec(
+                "cmd_submit",
+                (2, 0x30005, 0, 2, 0, 100, 0, -1, 0, bytes(8)),
+                p1,
+                None,
+                None,
+                (1, 2, 0x30005, 0, 2, 0, 100, 0, -1, 0, bytes(8), p1, None),
+            ),
+            Spec(
+                "cmd_submit",
+                (3, 0x30005, 0, 2, 0, 0, 0, 0, 0, bytes(8)),
+                b"",
+                None,
+                None,
+                (1, 3, 0x30005, 0, 2, 0, 0, 0, 0, 0, bytes(8), b"", None),
+            ),
+            Spec(
+                "cmd_submit",
+                (4, 0x30005, 0, 3, 2, 24, 7, 3, 1, bytes(8)),
+                p3,
+                iso,
+                None,
+                (1, 4, 0x30005, 0, 3, 2, 24, 7, 3, 1, bytes(8), p3, iso_bytes(iso)),
+            ),
             Spec("cmd_unlink", (5, 0x30005, 0, 0, 2), None, None, None, (2, 5, 0x30005, 0, 0, 2)),
-            Spec("cmd_submit", (6, 0x30005, 1, 3, 2, 24, 9, 3, 1, bytes(8)), None, iso, None,
-                 (1, 6, 0x30005, 1, 3, 2, 24, 9, 3, 1, bytes(8), None, iso_bytes(iso))),
+            Spec(
+                "cmd_submit",
+                (6, 0x30005, 1, 3, 2, 24, 9, 3, 1, bytes(8)),
+                None,
+                iso,
+                None,
+                (1, 6, 0x30005, 1, 3, 2, 24, 9, 3, 1, bytes(8), None, iso_bytes(iso)),
+            ),
         ]
     iso = [(0, 8, 4, 0), (8, 8, 0, -18), (16, 8, 6, 0)]
     d1, d3 = bytes(range(50, 150)), bytes(range(10))
     return [
-        Spec("ret_submit", (1, 0, 100, 0, 0, 0), d1, None, (1, 512),
-             (3, 1, 0, 0, 0, 0, 100, 0, 0, 0, d1, None)),
-        Spec("ret_submit", (2, 0, 100, 0, -1, 0), None, None, (2, -1),
-             (3, 2, 0, 0, 0, 0, 100, 0, -1, 0, None, None)),
-        Spec("ret_submit", (3, -32, 0, 0, 0, 0), b"", None, (3, 64),
-             (3, 3, 0, 0, 0, -32, 0, 0, 0, 0, b"", None)),
+        Spec("ret_submit", (1, 0, 100, 0, 0, 0), d1, None, (1, 512), (3, 1, 0, 0, 0, 0, 100, 0, 0, 0, d1, None)),
+        Spec("ret_submit", (2, 0, 100, 0, -1, 0), None, None, (2, -1), (3, 2, 0, 0, 0, 0, 100, 0, -1, 0, None, None)),
+        Spec("ret_submit", (3, -32, 0, 0, 0, 0), b"", None, (3, 64), (3, 3, 0, 0, 0, -32, 0, 0, 0, 0, b"", None)),
         Spec("ret_unlink", (4, -104), None, None, None, (4, 4, 0, 0, 0, -104)),
-        Spec("ret_submit", (5, 0, 10, 12, 3, 1), d3, iso, (5, 24),
-             (3, 5, 0, 0, 0, 0, 10, 12, 3, 1, d3, iso_bytes(iso))),
-        Spec("ret_submit", (6, 0, 10, 12, 3, 1), None, iso, (6, -1),
-             (3, 6, 0, 0, 0, 0, 10, 12, 3, 1, None, iso_bytes(iso))),
+        Spec(
+            "ret_submit", (5, 0, 10, 12, 3, 1), d3, iso, (5, 24), (3, 5, 0, 0, 0, 0, 10, 12, 3, 1, d3, iso_bytes(iso))
+        ),
+        Spec(
+            "ret_submit",
+            (6, 0, 10, 12, 3, 1),
+            None,
+            iso,
+            (6, -1),
+            (3, 6, 0, 0, 0, 0, 10, 12, 3, 1, None, iso_bytes(iso)),
+        ),
     ]

@@ -47,12 +47,7 @@ def build(name: str, force: bool = False) -> pathlib.Path:
     if not src.is_file():
         raise BuildError(f"no such tool source: {src}")
     out = BUILD_DIR / name
-    if (
-        not force
-        and out.is_file()
-        and os.access(out, os.X_OK)
-        and out.stat().st_mtime >= src.stat().st_mtime
-    ):
+    if not force and out.is_file() and os.access(out, os.X_OK) and out.stat().st_mtime >= src.stat().st_mtime:
         return out
 
     compiler = find_compiler()
@@ -66,8 +61,7 @@ def build(name: str, force: bool = False) -> pathlib.Path:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise BuildError(
-                f"compiling {src.name} failed (exit {proc.returncode}):\n"
-                f"$ {' '.join(cmd)}\n{proc.stderr.strip()}"
+                f"compiling {src.name} failed (exit {proc.returncode}):\n$ {' '.join(cmd)}\n{proc.stderr.strip()}"
             )
         if proc.stderr.strip():
             sys.stderr.write(proc.stderr)

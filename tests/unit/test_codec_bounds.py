@@ -36,8 +36,12 @@ def fails(dec, data: bytes, match: str) -> ProtocolError:
         dec.feed(data)
     assert dec.failed is info.value
     # the decoder stays failed: every later call raises the same error
-    for call in (lambda: dec.feed(cmd_submit()), lambda: dec.feed(b""), lambda: dec.get_buffer(-1),
-                 lambda: dec.buffer_updated(0)):
+    for call in (
+        lambda: dec.feed(cmd_submit()),
+        lambda: dec.feed(b""),
+        lambda: dec.get_buffer(-1),
+        lambda: dec.buffer_updated(0),
+    ):
         with pytest.raises(ProtocolError) as again:
             call()
         assert again.value is info.value
@@ -177,8 +181,7 @@ def test_iso_outside_in_buffer_client(codec) -> None:
 @pytest.mark.parametrize("role", ["server", "client"])
 def test_huge_claims_raise_immediately_without_allocating(codec, role: str) -> None:
     claims = (
-        [cmd_submit(tbl=0x80000000), cmd_submit(tbl=0x7FFFFFFF), cmd_submit(np=0x7FFFFFFF),
-         cmd_submit(np=0x80000000)]
+        [cmd_submit(tbl=0x80000000), cmd_submit(tbl=0x7FFFFFFF), cmd_submit(np=0x7FFFFFFF), cmd_submit(np=0x80000000)]
         if role == "server"
         else [ret_submit(actual=0x7FFFFFFF), ret_submit(actual=0x80000000), ret_submit(np=0x7FFFFFFF)]
     )
@@ -263,8 +266,11 @@ def test_decoder_api_misuse(codec) -> None:
 
 # ------------------------------------------------------------------ op-phase records
 def _record(path: bytes = b"/sys/x", busid: bytes = b"1-1") -> bytes:
-    return (path.ljust(256, b"\0")[:256] + busid.ljust(32, b"\0")[:32]
-            + struct.pack(">IIIHHHBBBBBB", 1, 2, 3, 0x1234, 0x5678, 0x100, 0, 0, 0, 1, 1, 1))
+    return (
+        path.ljust(256, b"\0")[:256]
+        + busid.ljust(32, b"\0")[:32]
+        + struct.pack(">IIIHHHBBBBBB", 1, 2, 3, 0x1234, 0x5678, 0x100, 0, 0, 0, 1, 1, 1)
+    )
 
 
 def test_device_count_over_limit() -> None:

@@ -163,11 +163,22 @@ def test_unpack_header_agrees(py_codec, cy_codec, words, setup, offset) -> None:
 
 @SETTINGS
 @given(
-    seq=U32, devid=U32, direction=U32, ep=U32, flags=U32, tbl=S32, sf=S32, np=S32, interval=S32, status=S32,
-    setup=st.binary(min_size=8, max_size=8), offset=st.integers(0, 8),
+    seq=U32,
+    devid=U32,
+    direction=U32,
+    ep=U32,
+    flags=U32,
+    tbl=S32,
+    sf=S32,
+    np=S32,
+    interval=S32,
+    status=S32,
+    setup=st.binary(min_size=8, max_size=8),
+    offset=st.integers(0, 8),
 )
-def test_encoders_agree(py_codec, cy_codec, seq, devid, direction, ep, flags, tbl, sf, np, interval, status,
-                        setup, offset) -> None:
+def test_encoders_agree(
+    py_codec, cy_codec, seq, devid, direction, ep, flags, tbl, sf, np, interval, status, setup, offset
+) -> None:
     outs = []
     for codec in (py_codec, cy_codec):
         buf = bytearray(b"\x5a" * (offset + 48 * 4 + 3))
@@ -222,8 +233,9 @@ def test_iso_spread_agrees_on_anything(py_codec, cy_codec, packets, buf, delta) 
 
 
 @SETTINGS
-@given(packets=st.lists(iso_tuple, max_size=12), buffer_length=st.integers(0, 200),
-       actual=st.none() | st.integers(0, 300))
+@given(
+    packets=st.lists(iso_tuple, max_size=12), buffer_length=st.integers(0, 200), actual=st.none() | st.integers(0, 300)
+)
 def test_iso_validate_agrees(py_codec, cy_codec, packets, buffer_length, actual) -> None:
     from usbip.protocol.errors import ProtocolError
 

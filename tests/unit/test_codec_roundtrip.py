@@ -92,7 +92,11 @@ def test_message_constructors_and_fields(codec) -> None:
     assert codec.CmdUnlink(1, 2, 0, 0, 7).fields() == (2, 1, 2, 0, 0, 7)
     assert codec.RetUnlink(1, -104).fields() == (4, 1, 0, 0, 0, -104)
     assert (codec.CmdSubmit.command, codec.CmdUnlink.command, codec.RetSubmit.command, codec.RetUnlink.command) == (
-        1, 2, 3, 4)
+        1,
+        2,
+        3,
+        4,
+    )
 
 
 # ------------------------------------------------------------------ fragmentation
