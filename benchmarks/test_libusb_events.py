@@ -72,7 +72,7 @@ def _cpu_ticks(guest: Guest, pid: int) -> int:
     return int(fields[11]) + int(fields[12])  # utime + stime (fields 14, 15 of stat)
 
 
-def _serve(guest: Guest, mode: str, busid: str) -> int:
+def _serve(guest: Guest, mode: str, busid: str) -> tuple[int, str]:
     pid, log = guest.start_background(
         f"exec {guest.python} -m usbip.cli.usbipd_main --host 127.0.0.1 -t {PORT} --state-file {STATE} "
         f"--libusb-events {mode} --rescan-interval 5"
@@ -80,7 +80,7 @@ def _serve(guest: Guest, mode: str, busid: str) -> int:
     listing = f"{guest.python} -m usbip.cli.usbip_main -t {PORT} list -r 127.0.0.1 2>/dev/null | grep -q ' {busid}:'"
     r = guest.run(gadgets.poll_sh(listing, 60), timeout=120)
     assert r.rc == 0, guest.run(f"cat {log}").out
-    return pid
+    return pid, log
 
 
 def _stop(guest: Guest, pid: int) -> None:
@@ -88,7 +88,7 @@ def _stop(guest: Guest, pid: int) -> None:
 
 
 def _run_round(guest: Guest, mode: str, busid: str, s: dict) -> None:
-    pid = _serve(guest, mode, busid)
+    pid, log = _serve(guest, mode, busid)
     hz = int(guest.run("getconf CLK_TCK").out.strip() or 100)
     try:
         for name, bmode, ep, size, inflight in CASES:
@@ -99,7 +99,7 @@ def _run_round(guest: Guest, mode: str, busid: str, s: dict) -> None:
                 timeout=120,
             )
             cpu = (_cpu_ticks(guest, pid) - before) / hz
-            assert r.rc == 0, r
+            assert r.rc == 0, f"{name}, {mode}: {r}\n--- usbipd ---\n" + guest.run(f"tail -30 {log}").out
             res = json.loads(r.out.strip().splitlines()[-1])
             assert res["urbs"] > 0 and res["errors"] == 0, res
             # CPU over the whole client run (import, warm-up, window): per URB of the window, an upper bound
