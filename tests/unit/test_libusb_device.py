@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import errno
+import os
 
 from usbip.backends.libusb import mapping as m
 from usbip.backends.libusb.device import LibusbDevice
@@ -350,3 +351,53 @@ def test_short_read_of_short_not_ok_transfer_is_eremoteio():
     dev.submit(v)
     dev.handle.transfers[-1].finish(m.TRANSFER_ERROR, 0)
     assert v.status == -errno.EPROTO
+
+
+class ClosingHandle(FakeHandle):
+    """Records what was still in flight when close() came; can fail like python-libusb1's close."""
+
+    def __init__(self, fail=False):
+        super().__init__()
+        self.fail = fail
+        self.in_flight_at_close = None
+
+    def close(self):
+        self.in_flight_at_close = [t for t in self.transfers if t.submitted]
+        if self.fail:
+            raise AssertionError  # python-libusb1 3.x asserts on its finalizer bookkeeping (no message)
+
+
+def test_close_lets_cancelled_transfers_come_back_before_closing_the_handle(tmp_path):
+    async def main():
+        dev = make_device()
+        dev.handle = ClosingHandle()
+        u, done = urb(6, 1, USBIP_DIR_IN, 64, bytearray(64))
+        dev.submit(u)
+        (t,) = dev.handle.transfers
+        loop = asyncio.get_running_loop()
+        # the cancellation is reported later, through the event handling, as libusb does
+        orig_cancel = t.cancel
+        t.cancel = lambda: (orig_cancel(), loop.call_later(0.05, t.finish, m.TRANSFER_CANCELLED, 0))
+        handle = dev.handle
+        await dev.close()
+        assert t.cancelled and done == [u] and u.status == -errno.ESHUTDOWN  # not unlinked: the device went away
+        assert handle.in_flight_at_close == []  # nothing left for python-libusb1's close to cancel
+        assert dev.handle is None
+
+    asyncio.run(main())
+
+
+def test_a_failing_handle_close_keeps_the_fd_libusb_may_still_poll(tmp_path):
+    async def main():
+        dev = make_device()
+        dev.handle = ClosingHandle(fail=True)
+        f = tmp_path / "node"
+        f.write_bytes(b"")
+        fd = os.open(f, os.O_RDONLY)
+        dev._fd = fd
+        await dev.close()
+        os.fstat(fd)  # still open: libusb may still have it in its poll set
+        os.close(fd)
+        assert dev.handle is None and dev._fd == -1
+
+    asyncio.run(main())

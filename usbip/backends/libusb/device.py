@@ -66,6 +66,8 @@ from .mapping import (
 from .opening import open_handle
 
 log = logging.getLogger(__name__)
+#: how long close() lets cancelled transfers come back before it closes the handle
+DRAIN_TIMEOUT = 2.0
 _DEBUG = bool(os.environ.get("USBIP_LIBUSB_DEBUG"))
 
 _SETUP = struct.Struct("<BBHHH")
@@ -235,6 +237,7 @@ class LibusbDevice(Device):
         self._claimed = []
 
     async def close(self) -> None:
+        await self._drain_transfers()
         if self.handle is not None and not self.is_gone:
             # interface release / driver re-attach sleep in the kernel: not in the loop thread
             try:
@@ -242,6 +245,30 @@ class LibusbDevice(Device):
             except Exception as exc:
                 log.warning("%s: giving the interfaces back failed: %s", self.busid, exc)
         self._close_handle()
+
+    def _live_transfers(self) -> list[Urb]:
+        return [u for u in self._pending.values() if u.context is not None and not u.done]
+
+    async def _drain_transfers(self) -> None:
+        """Cancel the transfers in flight and let their cancellations come back through the
+        normal event handling (the loop's pollfds or the event thread), bounded by
+        DRAIN_TIMEOUT. Otherwise python-libusb1's close() cancels them and runs libusb's event
+        handling itself; when that raised, libusb_close was never called, libusb kept polling
+        the handle's fd after we closed it, and once the number was reused every later
+        libusb_handle_events failed ("reap failed, errno=9" / 25): no transfer of any device
+        completed any more (seen in the event-mode benchmark)."""
+        live = self._live_transfers()
+        if not live:
+            return
+        for urb in live:
+            with contextlib.suppress(Exception):
+                urb.context.cancel()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DRAIN_TIMEOUT
+        while self._live_transfers() and loop.time() < deadline:
+            await asyncio.sleep(0.005)
+        if self._live_transfers():
+            log.warning("%s: %d transfers still in flight at close", self.busid, len(self._live_transfers()))
 
     def _give_back_interfaces(self) -> None:
         self._release_interfaces()
@@ -261,7 +288,10 @@ class LibusbDevice(Device):
             try:
                 self.handle.close()
             except Exception as exc:
-                log.debug("%s: close: %s", self.busid, exc)
+                # libusb may still poll this handle's fd: closing it would let the number be reused
+                # under libusb (see _drain_transfers), so the fd stays open (one leaked fd)
+                log.warning("%s: closing the libusb handle failed: %r; keeping its fd open", self.busid, exc)
+                self._fd = -1
             self.handle = None
         if self._fd >= 0:
             with contextlib.suppress(OSError):
