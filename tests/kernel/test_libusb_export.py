@@ -4,7 +4,6 @@ imported by the guest kernel's own vhci-hcd."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 
@@ -15,6 +14,12 @@ from usbip.virtual.keyboard import BOOT_KEYBOARD_REPORT
 from . import gadgets, usbtest
 from .audio import AUDIO_PID, AUDIO_VID, capture_and_playback
 from .gadgets import assert_no_oops, dmesg_mark, q
+from .guest_usbipd import PORT, STATE
+from .guest_usbipd import bind as _bind
+from .guest_usbipd import start as _start_usbipd
+from .guest_usbipd import stop as _stop_usbipd
+from .guest_usbipd import usbip as _usbip
+from .guest_usbipd import wait_exportable as _wait_exportable
 from .ourserver import HOST_FROM_GUEST, our_usbipd_fixture  # noqa: F401  (the our_usbipd fixture)
 
 # Issue 5 (vhci hung after SET_CONFIGURATION): usbipd's sysfs rescan ran in the event loop and
@@ -23,35 +28,7 @@ from .ourserver import HOST_FROM_GUEST, our_usbipd_fixture  # noqa: F401  (the o
 # device through us -> the loop blocked, the next URB was never answered. Scans now run in a
 # worker thread (usbip/backends/libusb/backend.py).
 
-STATE = "/tmp/cyusbip-libusb/exported.json"
-PORT = 3240
 MS_VID, MS_PID = 0x1209, 0x0001  # pid.codes test ids: nothing in the guest claims them but usb-storage
-
-
-def _usbip(guest, args: str, timeout: float = 60):
-    return guest.run(f"{guest.python} -m usbip.cli.usbip_main {args}", timeout=timeout)
-
-
-def _start_usbipd(guest) -> tuple[int, str]:
-    guest.run(f"mkdir -p /tmp/cyusbip-libusb; rm -f {STATE}", check=True)
-    pid, log = guest.start_background(
-        f"USBIP_LIBUSB_DEBUG=1 exec {guest.python} -m usbip.cli.usbipd_main -d --host 127.0.0.1 -t {PORT}"
-        f" --state-file {STATE} --rescan-interval {os.environ.get('USBIP_LIBUSB_RESCAN', '0.5')}"
-    )
-    hexport = f"{PORT:04X}"
-    r = guest.run(
-        gadgets.poll_sh(f"awk '$2 ~ /:{hexport}$/ && $4 == \"0A\" {{f=1}} END {{exit !f}}' /proc/net/tcp", 60),
-        timeout=90,
-    )
-    if r.rc != 0 or guest.run(f"kill -0 {pid} && ! grep -q 'cannot listen' {log}").rc != 0:
-        pytest.fail("our usbipd did not start:\n" + guest.run(f"cat {log}").out)
-    return pid, log
-
-
-def _stop_usbipd(guest, pid: int) -> None:
-    # its own session (start_background): signal the whole group, then wait for the listener to go
-    gone = f"awk '$2 ~ /:{PORT:04X}$/ && $4 == \"0A\" {{f=1}} END {{exit f}}' /proc/net/tcp"
-    guest.run(f"kill -- -{pid}; (" + gadgets.poll_sh(gone, 15) + f") || kill -9 -- -{pid}", timeout=40)
 
 
 def _our_attach(guest, busid: str, vid: int, pid: int, vhci_port: int | None = None) -> str:
@@ -64,26 +41,11 @@ def _our_attach(guest, busid: str, vid: int, pid: int, vhci_port: int | None = N
     return gadgets.wait_for_device(guest, vid, pid, "/vhci_hcd.", timeout=60, exclude=before)
 
 
-def _bind(guest, busid: str) -> None:
-    r = _usbip(guest, f"bind -b {q(busid)} --state-file {STATE}")
-    assert r.rc == 0, r.out
-
-
-def _wait_exportable(guest, busid: str, present: bool = True, timeout: float = 20) -> str:
-    deadline = time.monotonic() + timeout
-    out = ""
-    while time.monotonic() < deadline:
-        out = gadgets.exportable(guest, port=PORT)
-        if (f" {busid}:" in out) == present:
-            return out
-        time.sleep(0.5)
-    raise AssertionError(f"{busid} {'not ' if present else ''}listed by usbipd:\n{out}")
-
-
 @pytest.fixture
 def usbipd(clean_guest):
     guest = clean_guest
     gadgets.modprobe(guest, "vhci-hcd")
+    guest.run(f"rm -f {STATE}", check=True)
     pid, log = _start_usbipd(guest)
     yield guest, pid, log
     if guest.run(f"kill -0 {pid}").rc == 0:

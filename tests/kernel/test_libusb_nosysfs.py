@@ -21,16 +21,16 @@ from __future__ import annotations
 import json
 import os
 import re
-import time
 
 import pytest
 
-from . import gadgets
+from . import gadgets, guest_usbipd
 from .gadgets import q
+from .guest_usbipd import PORT, STATE
+from .guest_usbipd import stop as _stop_usbipd
+from .guest_usbipd import wait_exportable as _wait_exportable
 
 WORK = "/tmp/cyusbip-nosysfs"
-STATE = f"{WORK}/exported.json"
-PORT = 3240
 #: what must be the same whichever enumeration found the device (the path is not: sysfs path vs usbfs node)
 SAME = (
     "busid",
@@ -77,32 +77,7 @@ def _ours(args: str) -> str:
 
 
 def _start_usbipd(guest, args: str = "", *, no_sysfs: bool = False) -> tuple[int, str]:
-    cmd = (
-        f"USBIP_LIBUSB_DEBUG=1 exec $CYUSBIP_PYTHON -m usbip.cli.usbipd_main -d --host 127.0.0.1 -t {PORT}"
-        f" --state-file {STATE} --rescan-interval 0.5 {args}"
-    )
-    pid, log = guest.start_background(_in_no_sysfs(guest, cmd) if no_sysfs else cmd)
-    listening = f"awk '$2 ~ /:{PORT:04X}$/ && $4 == \"0A\" {{f=1}} END {{exit !f}}' /proc/net/tcp"
-    r = guest.run(gadgets.poll_sh(listening, 60), timeout=90)
-    if r.rc != 0 or guest.run(f"kill -0 {pid}").rc != 0:
-        pytest.fail("our usbipd did not start:\n" + guest.run(f"cat {log}").out)
-    return pid, log
-
-
-def _stop_usbipd(guest, pid: int) -> None:
-    gone = f"awk '$2 ~ /:{PORT:04X}$/ && $4 == \"0A\" {{f=1}} END {{exit f}}' /proc/net/tcp"
-    guest.run(f"kill -- -{pid}; (" + gadgets.poll_sh(gone, 15) + f") || kill -9 -- -{pid}", timeout=40)
-
-
-def _wait_exportable(guest, busid: str, present: bool = True, timeout: float = 30) -> str:
-    deadline = time.monotonic() + timeout
-    out = ""
-    while time.monotonic() < deadline:
-        out = gadgets.exportable(guest, port=PORT)  # Debian's usbip list -r
-        if (f" {busid}:" in out) == present:
-            return out
-        time.sleep(0.5)
-    raise AssertionError(f"{busid} {'not ' if present else ''}listed by usbipd:\n{out}")
+    return guest_usbipd.start(guest, args, wrap=(lambda cmd: _in_no_sysfs(guest, cmd)) if no_sysfs else None)
 
 
 def _records(guest) -> dict[str, dict]:
