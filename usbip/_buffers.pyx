@@ -1,6 +1,8 @@
 # cython: language_level=3, boundscheck=False, wraparound=False
 """Compiled URB buffer pool: reusable buffers with the buffer protocol.
 
+Buffers are handed out zeroed (calloc, memset on reuse): a device that reports more
+than it wrote can only ever send zeros, never bytes another URB or client left.
 A :class:`PoolBuffer` exposes ``len(buf)`` writable bytes to ``recv_into``,
 ``writelines``/``sendmsg`` and libusb transfers without copies. ``pool.release(buf)``
 returns it; the memory goes back to the pool only once no view of it is alive,
@@ -8,7 +10,7 @@ so a payload still referenced by a pending send is never overwritten.
 """
 
 from cpython.buffer cimport PyBuffer_FillInfo
-from libc.stdlib cimport free, malloc
+from libc.stdlib cimport calloc, free
 from libc.string cimport memset
 
 IMPLEMENTATION = "cython"
@@ -25,7 +27,7 @@ cdef class PoolBuffer:
     cdef BufferPool pool
 
     def __cinit__(self, Py_ssize_t capacity):
-        self.data = <char *>malloc(capacity if capacity > 0 else 1)
+        self.data = <char *>calloc(capacity if capacity > 0 else 1, 1)
         if self.data == NULL:
             raise MemoryError()
         self.capacity = capacity
@@ -55,20 +57,26 @@ cdef class PoolBuffer:
 
 
 cdef class BufferPool:
-    """Buffers in power-of-two size classes; at most ``max_free`` kept per class."""
+    """Buffers in power-of-two size classes; at most ``max_free`` kept per class and
+    ``max_cached_bytes`` kept in all."""
     cdef dict _free
     cdef readonly Py_ssize_t max_pooled
     cdef readonly int max_free
     cdef readonly Py_ssize_t outstanding
+    cdef readonly Py_ssize_t max_cached_bytes
+    cdef readonly Py_ssize_t cached_bytes
 
-    def __init__(self, Py_ssize_t max_pooled=4 * 1024 * 1024, int max_free=64):
+    def __init__(self, Py_ssize_t max_pooled=4 * 1024 * 1024, int max_free=64,
+                 Py_ssize_t max_cached_bytes=32 * 1024 * 1024):
         self._free = {}
         self.max_pooled = max_pooled
         self.max_free = max_free
+        self.max_cached_bytes = max_cached_bytes
+        self.cached_bytes = 0
         self.outstanding = 0
 
     cpdef PoolBuffer acquire(self, Py_ssize_t size):
-        """A buffer of exactly ``size`` bytes (contents undefined)."""
+        """A zeroed buffer of exactly ``size`` bytes."""
         cdef Py_ssize_t cap = MIN_CLASS
         cdef PoolBuffer buf
         cdef list free_list
@@ -79,6 +87,8 @@ cdef class BufferPool:
         free_list = self._free.get(cap)
         if free_list:
             buf = free_list.pop()
+            self.cached_bytes -= cap
+            memset(buf.data, 0, size)
         else:
             buf = PoolBuffer(cap)
         buf.size = size
@@ -106,9 +116,12 @@ cdef class BufferPool:
             return
         if buf.capacity > self.max_pooled:
             return
+        if self.cached_bytes + buf.capacity > self.max_cached_bytes:
+            return
         free_list = self._free.setdefault(buf.capacity, [])
         if len(free_list) < self.max_free:
             free_list.append(buf)
+            self.cached_bytes += buf.capacity
 
     @property
     def cached(self):

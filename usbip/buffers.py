@@ -1,6 +1,6 @@
 """Pure-Python twin of the URB buffer pool (``usbip._buffers``); same API.
 
-Buffers are bytearrays; a released buffer is reused only when no view of it is
+Buffers are bytearrays, handed out zeroed; a released buffer is reused only when no view of it is
 alive (a bytearray with exports refuses to resize, which is the test used here).
 """
 
@@ -24,10 +24,14 @@ class PoolBuffer(bytearray):
 
 
 class BufferPool:
-    def __init__(self, max_pooled: int = 4 * 1024 * 1024, max_free: int = 64) -> None:
+    def __init__(
+        self, max_pooled: int = 4 * 1024 * 1024, max_free: int = 64, max_cached_bytes: int = 32 * 1024 * 1024
+    ) -> None:
         self._free: dict[int, list[PoolBuffer]] = {}
         self.max_pooled = max_pooled
         self.max_free = max_free
+        self.max_cached_bytes = max_cached_bytes
+        self.cached_bytes = 0
         self.outstanding = 0
 
     def acquire(self, size: int) -> PoolBuffer:
@@ -39,9 +43,8 @@ class BufferPool:
         free_list = self._free.get(cap)
         if free_list:
             buf = free_list.pop()
-            del buf[size:]
-            if len(buf) < size:
-                buf.extend(bytes(size - len(buf)))
+            self.cached_bytes -= cap
+            buf[:] = bytes(size)  # zeroed, like a fresh one: no bytes of an earlier URB
         else:
             buf = PoolBuffer(size)
             buf.capacity = cap
@@ -63,9 +66,12 @@ class BufferPool:
             buf.pop()
         except BufferError:
             return
+        if self.cached_bytes + buf.capacity > self.max_cached_bytes:
+            return
         free_list = self._free.setdefault(buf.capacity, [])
         if len(free_list) < self.max_free:
             free_list.append(buf)
+            self.cached_bytes += buf.capacity
 
     @property
     def cached(self) -> int:

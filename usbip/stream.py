@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import select
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -22,9 +23,14 @@ from .protocol import ProtocolError
 log = logging.getLogger(__name__)
 
 IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
-HIGH_WATER = 8 * 1024 * 1024  # queued output that pauses reading (a peer that does not read)
-LOW_WATER = 1 * 1024 * 1024
 READS_PER_WAKEUP = 16
+HANGUP_CHECK_INTERVAL = 0.5  # seconds between checks for a peer that closed while reading is paused
+# a FIN is only seen by reading; while reading is paused, poll() tells it (POLLRDHUP: Linux)
+_HANGUP_EVENTS = getattr(select, "POLLRDHUP", 0) | select.POLLHUP | select.POLLERR
+
+# why reading is paused (a bit each; reading runs when none is set)
+PAUSED_OUTPUT = 1  # more than high_water bytes queued for a peer that does not read
+PAUSED_CONSUMER = 2  # the consumer asked (e.g. the server's per-connection memory budget is spent)
 
 
 class Stream:
@@ -33,6 +39,16 @@ class Stream:
     ``on_messages(list)`` gets every complete message of each read;
     ``on_close(exc)`` is called once when the peer closes (exc None), the socket
     fails, or the decoder raises ProtocolError (exc is that error).
+
+    Flow control, for a server facing peers it does not trust: with ``high_water``
+    set, reading pauses while more than that many bytes wait for the peer and
+    resumes below ``high_water // 8``; the consumer can pause reading too
+    (:meth:`pause_reading` / :meth:`resume_reading`) and hears through
+    ``on_drain`` whenever queued output shrinks.
+    With ``stall_timeout`` set, a peer that leaves queued output unsent (no
+    byte accepted by the socket) for that many seconds is dropped with
+    :class:`TimeoutError`. A client leaves both unset: pausing its reads
+    because its own writes block could deadlock with a server doing the same.
     """
 
     def __init__(
@@ -42,6 +58,10 @@ class Stream:
         on_messages: Callable[[list[Any]], None],
         on_close: Callable[[BaseException | None], None],
         loop: asyncio.AbstractEventLoop | None = None,
+        *,
+        high_water: int | None = None,
+        stall_timeout: float | None = None,
+        on_drain: Callable[[], None] | None = None,
     ) -> None:
         self.sock = sock
         self.decoder = decoder
@@ -54,6 +74,15 @@ class Stream:
         self._out_bytes = 0
         self._writer = False
         self._reading = False
+        self._started = False
+        self._paused = 0
+        self.high_water = high_water
+        self.low_water = 0 if high_water is None else high_water // 8
+        self.stall_timeout = stall_timeout
+        self.on_drain = on_drain
+        self._stall_timer: asyncio.TimerHandle | None = None
+        self._hangup_timer: asyncio.TimerHandle | None = None
+        self._last_progress = 0.0
         self._flush_scheduled = False
         self._in_read = False
         self.closed = False
@@ -63,14 +92,49 @@ class Stream:
 
     # ------------------------------------------------------------ reading
     def start(self) -> None:
-        if not self.closed and not self._reading:
+        self._started = True
+        self._update_reading()
+
+    def pause_reading(self) -> None:
+        """Stop reading until :meth:`resume_reading` (the consumer's own backpressure)."""
+        self._paused |= PAUSED_CONSUMER
+        self._update_reading()
+
+    def resume_reading(self) -> None:
+        self._paused &= ~PAUSED_CONSUMER
+        self._update_reading()
+
+    @property
+    def reading(self) -> bool:
+        return self._reading
+
+    def _update_reading(self) -> None:
+        want = self._started and not self.closed and not self._paused
+        if want and not self._reading:
             self._reading = True
             self.loop.add_reader(self._fd, self._on_readable)
-
-    def _pause_reading(self) -> None:
-        if self._reading:
+        elif not want and self._reading:
             self._reading = False
             self.loop.remove_reader(self._fd)
+        if self._paused and not self.closed and self._hangup_timer is None:
+            self._hangup_timer = self.loop.call_later(HANGUP_CHECK_INTERVAL, self._check_hangup)
+        elif (not self._paused or self.closed) and self._hangup_timer is not None:
+            self._hangup_timer.cancel()
+            self._hangup_timer = None
+
+    def _check_hangup(self) -> None:
+        """While reading is paused, notice a peer that closed or reset (it would never be read)."""
+        self._hangup_timer = None
+        if self.closed or not self._paused:
+            return
+        poller = select.poll()
+        poller.register(self._fd, _HANGUP_EVENTS)
+        events = poller.poll(0)
+        if events and events[0][1] & _HANGUP_EVENTS:
+            err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            self.close(OSError(err, os.strerror(err)) if err else None)
+            return
+        self._hangup_timer = self.loop.call_later(HANGUP_CHECK_INTERVAL, self._check_hangup)
 
     def _on_readable(self) -> None:
         self._in_read = True
@@ -100,7 +164,7 @@ class Stream:
                     self.on_messages(msgs)
                     # drop the payload views now, so the decoder can reuse its buffer next read
                     msgs = None
-                if self.closed or n < want:
+                if self.closed or n < want or not self._reading:
                     break
         finally:
             self._in_read = False
@@ -114,6 +178,9 @@ class Stream:
             return
         self._out.extend(buffers)
         self._out_bytes += nbytes
+        if self.high_water is not None and self._out_bytes > self.high_water and not self._paused & PAUSED_OUTPUT:
+            self._paused |= PAUSED_OUTPUT
+            self._update_reading()
         if not self._in_read and not self._flush_scheduled and not self._writer:
             self._flush_scheduled = True
             self.loop.call_soon(self._scheduled_flush)
@@ -129,6 +196,7 @@ class Stream:
 
     def _send(self) -> None:
         out = self._out
+        progress = False
         while self._out_pos < len(out):
             batch = out[self._out_pos : self._out_pos + IOV_MAX]
             try:
@@ -138,6 +206,7 @@ class Stream:
             except OSError as exc:
                 self.close(exc)
                 return
+            progress = True
             self.bytes_out += sent
             self._out_bytes -= sent
             pos = self._out_pos
@@ -158,17 +227,37 @@ class Stream:
             if self._writer:
                 self._writer = False
                 self.loop.remove_writer(self._fd)
-            if not self._reading and not self.closed and self._out_bytes <= LOW_WATER:
-                self.start()
+            if self._stall_timer is not None:
+                self._stall_timer.cancel()
+                self._stall_timer = None
+        else:
+            if self._out_pos > 4096:
+                del out[: self._out_pos]
+                self._out_pos = 0
+            if not self._writer:
+                self._writer = True
+                self.loop.add_writer(self._fd, self._send)
+            if self.stall_timeout is not None:
+                if progress or self._stall_timer is None:
+                    self._last_progress = self.loop.time()
+                if self._stall_timer is None:
+                    self._stall_timer = self.loop.call_later(self.stall_timeout, self._check_stall)
+        if self._paused & PAUSED_OUTPUT and self._out_bytes <= self.low_water:
+            self._paused &= ~PAUSED_OUTPUT
+            self._update_reading()
+        if progress and self.on_drain is not None:
+            self.on_drain()
+
+    def _check_stall(self) -> None:
+        self._stall_timer = None
+        if self.closed or not self._writer:
             return
-        if self._out_pos > 4096:
-            del out[: self._out_pos]
-            self._out_pos = 0
-        if not self._writer:
-            self._writer = True
-            self.loop.add_writer(self._fd, self._send)
-        if self._out_bytes > HIGH_WATER:
-            self._pause_reading()
+        assert self.stall_timeout is not None
+        idle = self.loop.time() - self._last_progress
+        if idle >= self.stall_timeout:
+            self.close(TimeoutError(f"peer left {self._out_bytes} bytes of replies unread for {idle:.0f} s"))
+        else:
+            self._stall_timer = self.loop.call_later(self.stall_timeout - idle, self._check_stall)
 
     @property
     def queued(self) -> int:
@@ -177,21 +266,23 @@ class Stream:
     # ------------------------------------------------------------ closing
     def detach(self) -> socket.socket:
         """Stop pumping and give the socket back (e.g. to hand it to vhci-hcd)."""
-        self._pause_reading()
+        self._stop()
+        return self.sock
+
+    def _stop(self) -> None:
+        self.closed = True
+        self._update_reading()
         if self._writer:
             self._writer = False
             self.loop.remove_writer(self._fd)
-        self.closed = True
-        return self.sock
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
 
     def close(self, exc: BaseException | None = None) -> None:
         if self.closed:
             return
-        self.closed = True
-        self._pause_reading()
-        if self._writer:
-            self._writer = False
-            self.loop.remove_writer(self._fd)
+        self._stop()
         self._out.clear()
         self._out_bytes = 0
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import faulthandler
+import ipaddress
 import logging
 import os
 import signal
@@ -16,6 +17,7 @@ from .. import __version__
 from ..backends.discovery import MODES
 from ..backends.discovery import resolve as resolve_enumeration
 from ..protocol.constants import USBIP_PORT
+from ..server.limits import MiB, ServerLimits
 from . import exitcodes
 from .logs import setup_logging
 
@@ -77,7 +79,73 @@ def build_parser() -> argparse.ArgumentParser:
         help="how host devices are found: sysfs (/sys/bus/usb/devices), libusb (its own device list: containers "
         "without /sys, other systems) or auto, sysfs when it exists (default: $USBIP_ENUMERATE or auto)",
     )
+    lim = p.add_argument_group("limits (what one client may cost; see usbip/server/limits.py)")
+    d = ServerLimits()
+    lim.add_argument(
+        "--connection-budget",
+        type=float,
+        default=d.connection_budget / MiB,
+        metavar="MIB",
+        help="memory one import may hold: URBs in flight and unsent replies; above it the server stops reading "
+        f"that client (default {d.connection_budget // MiB})",
+    )
+    lim.add_argument(
+        "--max-transfer",
+        type=float,
+        default=d.max_transfer / MiB,
+        metavar="MIB",
+        help=f"largest URB accepted (default {d.max_transfer // MiB}, usbfs' limit)",
+    )
+    lim.add_argument(
+        "--dead-peer-timeout",
+        type=float,
+        default=d.dead_peer_timeout,
+        metavar="SECONDS",
+        help="a client silent this long (TCP keepalive, TCP_USER_TIMEOUT) is dropped and its device freed "
+        f"(default {d.dead_peer_timeout:g})",
+    )
+    lim.add_argument(
+        "--write-stall-timeout",
+        type=float,
+        default=d.write_stall_timeout,
+        metavar="SECONDS",
+        help=f"a client that leaves its replies unread this long is dropped (default {d.write_stall_timeout:g})",
+    )
+    lim.add_argument(
+        "--op-timeout",
+        type=float,
+        default=d.op_timeout,
+        metavar="SECONDS",
+        help=f"time a client has to send its request after connecting (default {d.op_timeout:g})",
+    )
+    lim.add_argument(
+        "--max-connections",
+        type=int,
+        default=None,
+        metavar="N",
+        help="concurrent connections (default: from the open-file limit, at most 1024)",
+    )
+    lim.add_argument(
+        "--max-op-per-address",
+        type=int,
+        default=d.max_op_per_address,
+        metavar="N",
+        help=f"connections from one address not yet importing (default {d.max_op_per_address})",
+    )
     return p
+
+
+def limits_from_args(args: argparse.Namespace) -> ServerLimits:
+    """The ServerLimits the options ask for (ValueError for values out of range)."""
+    return ServerLimits(
+        connection_budget=int(args.connection_budget * MiB),
+        max_transfer=int(args.max_transfer * MiB),
+        dead_peer_timeout=args.dead_peer_timeout,
+        write_stall_timeout=args.write_stall_timeout,
+        op_timeout=args.op_timeout,
+        max_connections=args.max_connections,
+        max_op_per_address=args.max_op_per_address,
+    )
 
 
 def _daemonize() -> None:
@@ -92,12 +160,22 @@ def _daemonize() -> None:
         os.dup2(devnull, fd)
 
 
+def _loopback_only(host: str | None) -> bool:
+    if host is None:
+        return False
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 async def _run(args: argparse.Namespace) -> int:
     from ..server import Server
     from ..virtual import demo_devices, make_device
 
     devices = []
     try:
+        limits = limits_from_args(args)
         for spec in args.virtual:
             devices.append(make_device(spec))
         if args.demo:
@@ -113,7 +191,11 @@ async def _run(args: argparse.Namespace) -> int:
             log.error("%s", exc)
             return exitcodes.USAGE
     family = socket.AF_INET if args.ipv4 else socket.AF_INET6 if args.ipv6 else socket.AF_UNSPEC
-    server = Server(devices, host=args.host, port=args.tcp_port, family=family)
+    server = Server(devices, host=args.host, port=args.tcp_port, family=family, limits=limits)
+    if not _loopback_only(args.host):
+        log.warning(
+            "listening beyond loopback: any host that reaches port %d can import the exported devices", args.tcp_port
+        )
     try:
         await server.start()
     except OSError as exc:

@@ -106,6 +106,10 @@ ETIMEDOUT = -errno.ETIMEDOUT
 EPROTO = -errno.EPROTO
 EXDEV = -errno.EXDEV
 ENOMEM = -errno.ENOMEM
+EBADR = -errno.EBADR  # usb_submit_urb: a control URB whose wLength is not its transfer length
+
+# bmRequestType / bEndpointAddress direction bit (USB 2.0 spec 9.3.1, 9.6.6)
+USB_DIR_IN = 0x80
 
 # Endpoint transfer types (bmAttributes & 3).
 XFER_CONTROL = 0

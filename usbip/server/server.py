@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import errno
 import logging
 import socket
+import time
+from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
 from ..device import Device
-from ..netio import PeerClosed, recv_exactly, send_all, set_keepalive, set_nodelay
+from ..netio import PeerClosed, apply_dead_peer_timeout, recv_exactly, send_all, set_nodelay
 from ..pool import BufferPool
 from ..protocol import Decoder, ProtocolError
 from ..protocol.constants import (
     BUSID_SIZE,
-    DEFAULT_MAX_TRANSFER,
     OP_HEADER_SIZE,
     OP_REQ_DEVLIST,
     OP_REQ_IMPORT,
@@ -25,12 +28,15 @@ from ..protocol.constants import (
 )
 from ..protocol.records import pack_devlist_reply, pack_import_reply, unpack_import_busid, unpack_op_header
 from ..stream import Stream
+from .limits import ServerLimits
 from .registry import Registry
 from .session import UrbSession
 
 log = logging.getLogger(__name__)
 
-OP_TIMEOUT = 30.0  # seconds a client may take to send its op request
+ACCEPT_ERROR_LOG_INTERVAL = 10.0  # seconds between two log lines about failing accepts
+# accept() errors that mean "out of descriptors or memory": wait for connections to end
+_RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
 def _fmt_addr(host: str, port: int) -> str:
@@ -42,6 +48,7 @@ class Server:
 
     ``async with Server(...) as srv`` listens; ``srv.port`` is the bound port
     (pass ``port=0`` for an ephemeral one). ``stats()`` counts what is alive.
+    ``limits`` bounds what each client may cost (memory, time, descriptors).
     """
 
     def __init__(
@@ -50,8 +57,9 @@ class Server:
         host: str | None = None,
         port: int = USBIP_PORT,
         family: int = socket.AF_UNSPEC,
-        max_transfer: int = DEFAULT_MAX_TRANSFER,
+        max_transfer: int | None = None,
         registry: Registry | None = None,
+        limits: ServerLimits | None = None,
     ) -> None:
         self.registry = registry or Registry()
         for dev in devices:  # devices given here are virtual: they get busids 100-1, 100-2, ...
@@ -59,7 +67,12 @@ class Server:
         self.host = host
         self.port = port
         self.family = family
-        self.max_transfer = max_transfer
+        limits = limits or ServerLimits()
+        if max_transfer is not None:
+            limits = dataclasses.replace(limits, max_transfer=max_transfer)
+        self.limits = limits
+        self.max_transfer = limits.max_transfer
+        self.max_connections = limits.connections
         self.pool = BufferPool()
         self.sockets: list[socket.socket] = []
         self._accept_tasks: list[asyncio.Task[None]] = []
@@ -67,7 +80,12 @@ class Server:
         self.sessions: set[UrbSession] = set()
         self._closed = asyncio.Event()
         self.connections_total = 0
+        self.connections_refused = 0
         self.protocol_errors = 0
+        self._op_phase: Counter[str] = Counter()  # connections per address still in the op phase
+        self._slot_free = asyncio.Event()
+        self._accept_errors = 0
+        self._accept_error_logged = 0.0
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -145,36 +163,82 @@ class Server:
             "busy_devices": self.registry.busy_count,
             "pool_outstanding": self.pool.outstanding,
             "protocol_errors": self.protocol_errors,
+            "connections_refused": self.connections_refused,
+            "held_bytes": sum(s.held_bytes for s in self.sessions),
         }
 
     # ------------------------------------------------------------ connections
     async def _accept_loop(self, lsock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            while len(self._conn_tasks) >= self.max_connections:
+                # at the cap: leave new connections in the listen backlog until one ends
+                self._slot_free.clear()
+                await self._slot_free.wait()
             try:
                 conn, addr = await loop.sock_accept(lsock)
             except OSError as exc:
-                log.error("accept failed: %s", exc)
-                await asyncio.sleep(0.1)
+                self._accept_failed(exc)
+                await asyncio.sleep(0.5 if exc.errno in _RESOURCE_ERRNOS else 0.05)
                 continue
             self.connections_total += 1
-            task = asyncio.create_task(self._handle(conn, addr))
+            host = addr[0] if isinstance(addr, tuple) else str(addr)
+            if self._op_phase[host] >= self.limits.max_op_per_address:
+                self.connections_refused += 1
+                log.warning(
+                    "%s: refused: %d connections from this address are still in the op phase",
+                    host,
+                    self._op_phase[host],
+                )
+                conn.close()
+                continue
+            self._op_phase[host] += 1
+            task = asyncio.create_task(self._handle(conn, addr, host))
             self._conn_tasks.add(task)
-            task.add_done_callback(self._conn_tasks.discard)
+            task.add_done_callback(self._conn_done)
 
-    async def _handle(self, sock: socket.socket, addr: Any) -> None:
-        peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
+    def _conn_done(self, task: asyncio.Task[None]) -> None:
+        self._conn_tasks.discard(task)
+        self._slot_free.set()
+
+    def _leave_op_phase(self, host: str) -> None:
+        n = self._op_phase[host] - 1
+        if n > 0:
+            self._op_phase[host] = n
+        else:
+            del self._op_phase[host]
+
+    def _accept_failed(self, exc: OSError) -> None:
+        """Log accept errors at most once per ACCEPT_ERROR_LOG_INTERVAL (a flood must not fill the disk)."""
+        self._accept_errors += 1
+        now = time.monotonic()
+        if now - self._accept_error_logged >= ACCEPT_ERROR_LOG_INTERVAL:
+            log.error(
+                "accept failed: %s (%d failures since the last report; %d connections open)",
+                exc,
+                self._accept_errors,
+                len(self._conn_tasks),
+            )
+            self._accept_errors = 0
+            self._accept_error_logged = now
+
+    async def _handle(self, sock: socket.socket, addr: Any, host: str) -> None:
+        peer = _fmt_addr(addr[0], addr[1]) if isinstance(addr, tuple) else str(addr)
+        in_op_phase = True
+        op_timeout = self.limits.op_timeout
         sock.setblocking(False)
         try:
             set_nodelay(sock)
-            set_keepalive(sock)
-            head = unpack_op_header(await recv_exactly(sock, OP_HEADER_SIZE, OP_TIMEOUT))
+            apply_dead_peer_timeout(sock, self.limits.dead_peer_timeout)
+            head = unpack_op_header(await recv_exactly(sock, OP_HEADER_SIZE, op_timeout))
             self.registry.refresh()
             if head.code == OP_REQ_DEVLIST:
-                await send_all(sock, pack_devlist_reply([d.record() for d in self.registry.devices()]))
+                await send_all(sock, pack_devlist_reply([d.record() for d in self.registry.devices()]), op_timeout)
                 log.debug("%s: sent device list", peer)
             elif head.code == OP_REQ_IMPORT:
-                busid = unpack_import_busid(await recv_exactly(sock, BUSID_SIZE, OP_TIMEOUT))
+                busid = unpack_import_busid(await recv_exactly(sock, BUSID_SIZE, op_timeout))
+                self._leave_op_phase(host)
+                in_op_phase = False
                 await self._import(sock, peer, busid)
                 return
             else:
@@ -185,6 +249,8 @@ class Server:
         except (PeerClosed, ConnectionError, asyncio.TimeoutError, OSError) as exc:
             log.info("%s: connection ended: %s", peer, exc or type(exc).__name__)
         finally:
+            if in_op_phase:
+                self._leave_op_phase(host)
             sock.close()
 
     async def _import(self, sock: socket.socket, peer: str, busid: str) -> None:
@@ -221,17 +287,44 @@ class Server:
                 done.set_result(exc)
 
         decoder = Decoder("server", max_transfer=self.max_transfer)
-        stream: Stream | None = None
+        limits = self.limits
 
         def on_messages(msgs: list[Any]) -> None:
             try:
                 session.handle(msgs)
             except ProtocolError as exc:
-                assert stream is not None
                 stream.close(exc)
 
-        stream = Stream(sock, decoder, on_messages, on_close, loop)
-        session = UrbSession(device, stream.write, self.pool)
+        def on_drain() -> None:
+            try:
+                session.drain()
+            except ProtocolError as exc:
+                stream.close(exc)
+
+        def pause_input(paused: bool) -> None:
+            if paused:
+                stream.pause_reading()
+            else:
+                stream.resume_reading()
+
+        stream = Stream(
+            sock,
+            decoder,
+            on_messages,
+            on_close,
+            loop,
+            high_water=limits.connection_budget,
+            stall_timeout=limits.write_stall_timeout,
+            on_drain=on_drain,
+        )
+        session = UrbSession(
+            device,
+            stream.write,
+            self.pool,
+            limits=limits,
+            queued=lambda: stream.queued,
+            pause_input=pause_input,
+        )
         self.sessions.add(session)
         stream.start()
         # Device.gone (set by devices that can disappear): end the session as if the peer had closed
@@ -259,9 +352,11 @@ class Server:
             self.sessions.discard(session)
 
 
-async def serve(devices: Iterable[Device], host: str | None = None, port: int = USBIP_PORT) -> None:
+async def serve(
+    devices: Iterable[Device], host: str | None = None, port: int = USBIP_PORT, limits: ServerLimits | None = None
+) -> None:
     """Run a server until cancelled."""
-    async with Server(devices, host=host, port=port) as srv:
+    async with Server(devices, host=host, port=port, limits=limits) as srv:
         await srv.serve_forever()
 
 

@@ -10,6 +10,17 @@ The rules are the kernel stub's (``drivers/usb/usbip/stub_rx.c``, ``stub_tx.c``)
   RET_SUBMIT. An URB that already completed gets RET_UNLINK status 0 at once.
 * RET_SUBMIT carries only command and seqnum in the basic header; for iso IN only
   each packet's actual bytes travel, back to back, then the descriptors.
+* A control URB is checked as ``usb_submit_urb`` (drivers/usb/core/urb.c) checks it:
+  wLength must equal transfer_buffer_length (-EBADR). The kernel only warns when
+  the pipe's direction disagrees with bmRequestType; there is no usb core in front
+  of a virtual device, so a data stage whose direction disagrees is refused
+  (-EINVAL): an OUT request never carries IN data back.
+
+Memory is bounded per connection (``ServerLimits.connection_budget``): IN buffers
+and OUT payloads of URBs in flight plus replies queued for the socket. A submit
+that would go beyond it waits in a backlog until URBs complete and replies drain;
+an unlink still reaches the URB it names there. When the backlog is full too, the
+session pauses reading the socket (``pause_input``) until it drains.
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ from ..protocol import (
     urb_from_submit,
 )
 from ..protocol.constants import (
+    EBADR,
     ECONNRESET,
     EINVAL,
     ENOENT,
@@ -42,16 +54,20 @@ from ..protocol.constants import (
     URB_NO_TRANSFER_DMA_MAP,
     URB_SHORT_NOT_OK,
     URB_ZERO_PACKET,
+    USB_DIR_IN,
     USBIP_CMD_SUBMIT,
     XFER_BULK,
     XFER_CONTROL,
     XFER_ISOC,
 )
+from .limits import ServerLimits
 
 log = logging.getLogger(__name__)
 
-MAX_PENDING = 4096  # URBs in flight per connection before the peer is treated as hostile
-MAX_PENDING_BYTES = 512 * 1024 * 1024  # IN buffers allocated for those URBs
+#: An OUT payload smaller than 1/COPY_RATIO of the decoder buffer it lies in is copied before
+#: it is parked: a small pending URB must not pin a whole receive chunk (256 KiB).
+COPY_RATIO = 4
+MSG_OVERHEAD = 64  # bytes counted per backlogged message besides its payload
 
 MAX_EARLY_UNLINKS = 256  # CMD_UNLINKs held for submits not seen yet
 
@@ -70,6 +86,20 @@ def allowed_flags(xfer_type: int, is_in: bool) -> int:
     return allowed
 
 
+def control_check(setup: Any, tbl: int, direction: int) -> int:
+    """0 if a control URB is consistent, else the status it completes with.
+
+    ``usb_submit_urb`` (drivers/usb/core/urb.c) refuses wLength != transfer_buffer_length
+    with -EBADR; with a data stage, bmRequestType's direction bit must be the URB's.
+    """
+    wlength = setup[6] | setup[7] << 8
+    if wlength != tbl:
+        return EBADR
+    if wlength and bool(setup[0] & USB_DIR_IN) != (direction == USBIP_DIR_IN):
+        return EINVAL
+    return 0
+
+
 def _seq_after(a: int, b: int) -> bool:
     """Seqnum ``a`` comes after ``b`` (32-bit serial number arithmetic, so wrap-around works)."""
     return 0 < ((a - b) & 0xFFFFFFFF) < 0x80000000
@@ -84,13 +114,26 @@ class UrbSession:
         send: Callable[[list[Any], int], None],
         pool: BufferPool,
         devid: int | None = None,
+        *,
+        limits: ServerLimits | None = None,
+        queued: Callable[[], int] | None = None,
+        pause_input: Callable[[bool], None] | None = None,
     ) -> None:
         self.device = device
         self.devid = device.devid if devid is None else devid
         self.send = send
         self.pool = pool
+        self.limits = limits = limits or ServerLimits()
+        self.budget = limits.connection_budget
+        self.backlog_limit = max(limits.connection_budget // 4, 64 * 1024)
+        self._queued = queued or (lambda: 0)
+        self._pause_input = pause_input
         self.pending: dict[int, Urb] = {}
-        self.pending_bytes = 0
+        self.pending_bytes = 0  # IN buffers and OUT payloads of the URBs in ``pending``
+        self.backlog: dict[int, Any] = {}  # seqnum -> CMD_SUBMIT waiting for budget, in arrival order
+        self.backlog_bytes = 0
+        self.input_paused = False
+        self._draining = False
         self.closing = False
         self._idle: asyncio.Event | None = None
         self._ep_cache: dict[int, tuple[int | None, int]] = {}
@@ -102,13 +145,65 @@ class UrbSession:
     # ------------------------------------------------------------ input
     def handle(self, messages: list[Any]) -> None:
         """Process every message of one read. Raises ProtocolError to end the connection."""
+        backlog = self.backlog
         for msg in messages:
             if msg.devid != self.devid:
                 raise ProtocolError(f"header names devid 0x{msg.devid:08x}, imported device is 0x{self.devid:08x}")
             if msg.command == USBIP_CMD_SUBMIT:
-                self._submit(msg)
+                if backlog or not self._fits(msg.transfer_buffer_length):
+                    self._defer(msg)
+                else:
+                    self._submit(msg)
             else:
                 self._unlink(msg)
+
+    # ------------------------------------------------------------ memory budget
+    @property
+    def held_bytes(self) -> int:
+        """What this connection holds now: URB buffers in flight and replies not yet sent."""
+        return self.pending_bytes + self._queued()
+
+    def _fits(self, cost: int) -> bool:
+        held = self.pending_bytes + self._queued()
+        # one URB bigger than the whole budget still runs when nothing else is held
+        return held + cost <= self.budget or (held == 0 and not self.pending)
+
+    def _defer(self, msg: Any) -> None:
+        seqnum = msg.seqnum
+        if seqnum in self.backlog or seqnum in self.pending:
+            raise ProtocolError(f"seqnum {seqnum} is already in flight")
+        if len(self.backlog) + len(self.pending) >= self.limits.max_pending_urbs:
+            raise ProtocolError(f"more than {self.limits.max_pending_urbs} URBs in flight")
+        data = msg.data if msg.direction != USBIP_DIR_IN else None
+        self.backlog[seqnum] = msg
+        self.backlog_bytes += MSG_OVERHEAD + (len(data) if data is not None else 0)
+        if self.backlog_bytes > self.backlog_limit and not self.input_paused:
+            self._set_input_paused(True)
+
+    def _set_input_paused(self, paused: bool) -> None:
+        self.input_paused = paused
+        if self._pause_input is not None:
+            self._pause_input(paused)
+
+    def drain(self) -> None:
+        """Run backlogged submits that fit the budget now (URBs completed, replies were sent)."""
+        if self._draining or self.closing or not (self.backlog or self.input_paused):
+            return
+        self._draining = True
+        try:
+            backlog = self.backlog
+            while backlog:
+                seqnum, msg = next(iter(backlog.items()))
+                if not self._fits(msg.transfer_buffer_length):
+                    break
+                del backlog[seqnum]
+                data = msg.data if msg.direction != USBIP_DIR_IN else None
+                self.backlog_bytes -= MSG_OVERHEAD + (len(data) if data is not None else 0)
+                self._submit(msg)
+        finally:
+            self._draining = False
+        if self.input_paused and self.backlog_bytes <= self.backlog_limit // 2:
+            self._set_input_paused(False)
 
     def endpoint_type(self, ep: int, direction: int) -> int | None:
         return self._endpoint(ep, direction)[0]
@@ -132,22 +227,25 @@ class UrbSession:
         pending = self.pending
         if seqnum in pending:
             raise ProtocolError(f"seqnum {seqnum} is already in flight")
-        if len(pending) >= MAX_PENDING:
-            raise ProtocolError(f"more than {MAX_PENDING} URBs in flight")
+        if len(pending) >= self.limits.max_pending_urbs:
+            raise ProtocolError(f"more than {self.limits.max_pending_urbs} URBs in flight")
         if self._early_unlinks and self._settle_early_unlinks(seqnum):
             return  # unlinked before it arrived: answered with RET_UNLINK, never submitted
         if _seq_after(seqnum, self.max_seqnum):
             self.max_seqnum = seqnum
         ep = msg.ep
         direction = msg.direction
+        tbl = msg.transfer_buffer_length
         if direction == USBIP_DIR_IN:
-            tbl = msg.transfer_buffer_length
-            if self.pending_bytes + tbl > MAX_PENDING_BYTES:
-                raise ProtocolError(f"more than {MAX_PENDING_BYTES} bytes of IN buffers in flight")
-            self.pending_bytes += tbl
+            # pool buffers come zeroed: a device that reports more than it wrote leaks nothing
             urb = urb_from_submit(msg, self.pool.acquire(tbl), self._completed)
         else:
-            urb = urb_from_submit(msg, msg.data, self._completed)
+            data = msg.data
+            base = data.obj if isinstance(data, memoryview) else data
+            if tbl and tbl * COPY_RATIO < len(base):
+                data = bytes(data)  # do not pin the decoder's receive chunk while this URB is parked
+            urb = urb_from_submit(msg, data, self._completed)
+        self.pending_bytes += tbl
         pending[seqnum] = urb
         self.submitted += 1
         xfer, allowed = self._endpoint(ep, direction)
@@ -161,6 +259,12 @@ class UrbSession:
             urb.complete(EINVAL, 0)
             return
         urb.transfer_flags &= allowed
+        if xfer == XFER_CONTROL:
+            status = control_check(msg.setup, tbl, direction)
+            if status:
+                log.debug("seqnum %d: control request refused (%d): setup %s", seqnum, status, bytes(msg.setup).hex())
+                urb.complete(status, 0)
+                return
         if ep == 0 and msg.setup[0] == 0x23 and msg.setup[1] == 3 and msg.setup[2] == 4:
             # SET_FEATURE(PORT_RESET): the stub resets the device itself (stub_rx.c: tweak_reset_device_cmd)
             self.invalidate_endpoints()
@@ -179,6 +283,15 @@ class UrbSession:
     def _unlink(self, msg: Any) -> None:
         target = msg.unlink_seqnum
         urb = self.pending.get(target)
+        if urb is None and target in self.backlog:
+            # still waiting for budget: never submitted, answered as the kernel answers a cancelled URB
+            held = self.backlog.pop(target)
+            data = held.data if held.direction != USBIP_DIR_IN else None
+            self.backlog_bytes -= MSG_OVERHEAD + (len(data) if data is not None else 0)
+            if _seq_after(target, self.max_seqnum):
+                self.max_seqnum = target
+            self._send_ret_unlink(msg.seqnum, ECONNRESET)
+            return
         if urb is None and _seq_after(target, self.max_seqnum) and len(self._early_unlinks) < MAX_EARLY_UNLINKS:
             # vhci can send a CMD_UNLINK before the CMD_SUBMIT it targets: vhci_tx_loop sends the
             # unlink list after the submit list, and an URB queued and unlinked in between has its
@@ -233,12 +346,14 @@ class UrbSession:
                 self._send_ret_submit(urb, is_in)
                 if urb.ep == 0 and urb.setup[1] in (9, 11) and urb.setup[0] in (0, 1):
                     self.invalidate_endpoints()  # SET_CONFIGURATION / SET_INTERFACE
+        self.pending_bytes -= urb.transfer_buffer_length
         if is_in:
-            self.pending_bytes -= urb.transfer_buffer_length
             self.pool.release(urb.buffer)  # reused once the queued payload view is sent
         urb.buffer = b""
         if self._idle is not None and not pending:
             self._idle.set()
+        if self.backlog:
+            self.drain()
 
     def _send_ret_submit(self, urb: Urb, is_in: bool) -> None:
         iso = urb.iso
@@ -274,6 +389,8 @@ class UrbSession:
     async def shutdown(self, timeout: float = 5.0) -> None:
         """Cancel every pending URB and wait (bounded) for the device to complete them."""
         self.closing = True
+        self.backlog.clear()
+        self.backlog_bytes = 0
         for urb in list(self.pending.values()):
             if not urb.done and not urb.cancelled:
                 urb.cancelled = True
