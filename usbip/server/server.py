@@ -39,6 +39,28 @@ ACCEPT_ERROR_LOG_INTERVAL = 10.0  # seconds between two log lines about failing 
 _RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
+class ThrottledLog:
+    """Logs a recurring event at most once per ``interval`` seconds, counting what it left out:
+    a flood of bad connections must not fill the disk."""
+
+    def __init__(self, logger: logging.Logger, interval: float) -> None:
+        self.logger = logger
+        self.interval = interval
+        self.suppressed = 0
+        self._last = -interval
+
+    def log(self, level: int, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last < self.interval:
+            self.suppressed += 1
+            return
+        if self.suppressed:
+            msg += f" (and {self.suppressed} more like it in the last {now - self._last:.0f} s)"
+        self.logger.log(level, msg, *args)
+        self.suppressed = 0
+        self._last = now
+
+
 def _fmt_addr(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -84,8 +106,8 @@ class Server:
         self.protocol_errors = 0
         self._op_phase: Counter[str] = Counter()  # connections per address still in the op phase
         self._slot_free = asyncio.Event()
-        self._accept_errors = 0
-        self._accept_error_logged = 0.0
+        self._accept_log = ThrottledLog(log, ACCEPT_ERROR_LOG_INTERVAL)
+        self._refused_log = ThrottledLog(log, ACCEPT_ERROR_LOG_INTERVAL)
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -185,7 +207,8 @@ class Server:
             host = addr[0] if isinstance(addr, tuple) else str(addr)
             if self._op_phase[host] >= self.limits.max_op_per_address:
                 self.connections_refused += 1
-                log.warning(
+                self._refused_log.log(
+                    logging.WARNING,
                     "%s: refused: %d connections from this address are still in the op phase",
                     host,
                     self._op_phase[host],
@@ -209,18 +232,7 @@ class Server:
             del self._op_phase[host]
 
     def _accept_failed(self, exc: OSError) -> None:
-        """Log accept errors at most once per ACCEPT_ERROR_LOG_INTERVAL (a flood must not fill the disk)."""
-        self._accept_errors += 1
-        now = time.monotonic()
-        if now - self._accept_error_logged >= ACCEPT_ERROR_LOG_INTERVAL:
-            log.error(
-                "accept failed: %s (%d failures since the last report; %d connections open)",
-                exc,
-                self._accept_errors,
-                len(self._conn_tasks),
-            )
-            self._accept_errors = 0
-            self._accept_error_logged = now
+        self._accept_log.log(logging.ERROR, "accept failed: %s (%d connections open)", exc, len(self._conn_tasks))
 
     async def _handle(self, sock: socket.socket, addr: Any, host: str) -> None:
         peer = _fmt_addr(addr[0], addr[1]) if isinstance(addr, tuple) else str(addr)
