@@ -31,6 +31,8 @@ _HANGUP_EVENTS = getattr(select, "POLLRDHUP", 0) | select.POLLHUP | select.POLLE
 # why reading is paused (a bit each; reading runs when none is set)
 PAUSED_OUTPUT = 1  # more than high_water bytes queued for a peer that does not read
 PAUSED_CONSUMER = 2  # the consumer asked (e.g. the server's per-connection memory budget is spent)
+PAUSED_ADMIT = 4  # the consumer has not admitted the large body the decoder waits for yet
+ADMIT_THRESHOLD = 64 * 1024  # bodies this large are admitted (``admit``) before their buffer exists
 
 
 class Stream:
@@ -44,7 +46,10 @@ class Stream:
     set, reading pauses while more than that many bytes wait for the peer and
     resumes below ``high_water // 8``; the consumer can pause reading too
     (:meth:`pause_reading` / :meth:`resume_reading`) and hears through
-    ``on_drain`` whenever queued output shrinks.
+    ``on_drain`` whenever queued output shrinks. With ``admit`` set, a message
+    body of ADMIT_THRESHOLD bytes or more is read only once ``admit(size)``
+    returns True (before the decoder allocates its buffer); until then reading
+    waits, and the consumer calls :meth:`readmit` when it has room again.
     With ``stall_timeout`` set, a peer that leaves queued output unsent (no
     byte accepted by the socket) for that many seconds is dropped with
     :class:`TimeoutError`. A client leaves both unset: pausing its reads
@@ -62,6 +67,7 @@ class Stream:
         high_water: int | None = None,
         stall_timeout: float | None = None,
         on_drain: Callable[[], None] | None = None,
+        admit: Callable[[int], bool] | None = None,
     ) -> None:
         self.sock = sock
         self.decoder = decoder
@@ -80,6 +86,8 @@ class Stream:
         self.low_water = 0 if high_water is None else high_water // 8
         self.stall_timeout = stall_timeout
         self.on_drain = on_drain
+        self.admit = admit
+        self._admitted = False  # the body the decoder waits for was admitted
         self._stall_timer: asyncio.TimerHandle | None = None
         self._hangup_timer: asyncio.TimerHandle | None = None
         self._last_progress = 0.0
@@ -140,6 +148,8 @@ class Stream:
         self._in_read = True
         try:
             for _ in range(READS_PER_WAKEUP):
+                if self.admit is not None and not self._admit_body():
+                    break
                 buf = self.decoder.get_buffer(-1)
                 want = len(buf)
                 try:
@@ -161,6 +171,7 @@ class Stream:
                     self.close(exc)
                     return
                 if msgs:
+                    self._admitted = False  # the message waiting for its body was the first of these
                     self.on_messages(msgs)
                     # drop the payload views now, so the decoder can reuse its buffer next read
                     msgs = None
@@ -170,6 +181,29 @@ class Stream:
             self._in_read = False
         if not self.closed:
             self.flush()
+
+    def _admit_body(self) -> bool:
+        if self._admitted:
+            return True
+        need = self.decoder.pending_body
+        if need < ADMIT_THRESHOLD:
+            return True
+        assert self.admit is not None
+        if self.admit(need):
+            self._admitted = True
+            return True
+        self._paused |= PAUSED_ADMIT
+        self._update_reading()
+        return False
+
+    def readmit(self) -> None:
+        """The consumer has room again: ask ``admit`` once more for the waiting body."""
+        if self._paused & PAUSED_ADMIT and not self.closed:
+            assert self.admit is not None
+            if self.admit(self.decoder.pending_body):
+                self._admitted = True
+                self._paused &= ~PAUSED_ADMIT
+                self._update_reading()
 
     # ------------------------------------------------------------ writing
     def write(self, buffers: list[Any], nbytes: int) -> None:

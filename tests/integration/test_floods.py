@@ -17,8 +17,8 @@ from .helpers import RawClient, idle, run, wait_until
 
 MAX_TRANSFER = 16 * MiB
 LIMITS = ServerLimits(connection_budget=8 * MiB, write_stall_timeout=2.0)
-# what one import may hold: the budget, one URB larger than it, a backlog of a quarter budget
-HELD_BOUND = LIMITS.connection_budget + MAX_TRANSFER + LIMITS.connection_budget // 4
+# what one import may hold: half the budget and one URB larger than it, a backlog of a quarter budget
+HELD_BOUND = LIMITS.connection_budget // 2 + MAX_TRANSFER + LIMITS.connection_budget // 4
 
 
 def rss() -> int:

@@ -220,7 +220,8 @@ class Parking(Device):
         return Overreporter().device_descriptor
 
     def configuration_descriptor(self, index: int = 0) -> bytes:
-        iface = bytes([9, 4, 0, 0, 2, 0xFF, 0, 0, 0]) + bytes([7, 5, 0x81, 2, 0, 2, 0]) + bytes([7, 5, 0x01, 2, 0, 2, 0])
+        eps = bytes([7, 5, 0x81, 2, 0, 2, 0]) + bytes([7, 5, 0x01, 2, 0, 2, 0])
+        iface = bytes([9, 4, 0, 0, 2, 0xFF, 0, 0, 0]) + eps
         return struct.pack("<BBHBBBBB", 9, 2, 9 + len(iface), 1, 1, 0, 0x80, 50) + iface
 
     def submit(self, urb: Urb) -> None:
@@ -231,7 +232,7 @@ class Parking(Device):
 
     def finish(self, seqnum: int) -> None:
         urb = self.parked.pop(seqnum)
-        urb.complete(0, urb.transfer_buffer_length if urb.is_in else urb.transfer_buffer_length)
+        urb.complete(0, urb.transfer_buffer_length)
 
 
 LIMITS = ServerLimits(connection_budget=4 * MiB)
@@ -244,7 +245,7 @@ def test_in_urbs_beyond_the_budget_wait_and_then_run(pool_cls: Any) -> None:
     h = Harness(dev, pool, limits=LIMITS)
     seqs = [h.submit(1, True, 1 * MiB) for _ in range(40)]
     assert len(dev.parked) == 4 and pool.outstanding == 4
-    assert h.session.held_bytes <= LIMITS.connection_budget
+    assert h.session.pending_bytes <= LIMITS.connection_budget
     assert len(h.session.backlog) == 36
     # completing frees budget: the next ones in arrival order reach the device
     dev.finish(seqs[0])
@@ -273,14 +274,33 @@ def test_a_full_backlog_pauses_reading_and_resumes(pool_cls: Any) -> None:
 
 
 @POOLS
-def test_one_urb_larger_than_the_budget_runs_alone(pool_cls: Any) -> None:
+def test_an_urb_larger_than_the_budget_runs_once_half_is_free(pool_cls: Any) -> None:
     dev = Parking()
     h = Harness(dev, pool_cls(), limits=LIMITS)
+    first = [h.submit(1, True, 1 * MiB) for _ in range(3)]
     big = h.submit(1, True, 6 * MiB)
     small = h.submit(1, True, 512)
-    assert list(dev.parked) == [big]
+    assert sorted(dev.parked) == first
+    dev.finish(first[0])  # 2 MiB held: half the budget
+    assert sorted(dev.parked) == [*first[1:], big]
+    assert small not in dev.parked
+    for s in first[1:]:
+        dev.finish(s)
+    assert small not in dev.parked
     dev.finish(big)
     assert list(dev.parked) == [small]
+
+
+def test_large_out_bodies_are_admitted_before_they_are_read() -> None:
+    dev = Parking()
+    readmits: list[int] = []
+    h = Harness(dev, _pools()[0](), limits=LIMITS, readmit=lambda: readmits.append(1))
+    first = [h.submit(1, True, 1 * MiB) for _ in range(3)]
+    assert h.session.admit(512 * 1024)
+    assert not h.session.admit(2 * MiB) and h.session.admission_waiting
+    dev.finish(first[0])
+    assert readmits == [1]
+    assert h.session.admit(2 * MiB) and not h.session.admission_waiting
 
 
 @POOLS

@@ -521,6 +521,11 @@ cdef class Decoder:
         self._expect.pop(seqnum, None)
 
     @property
+    def pending_body(self):
+        """Body bytes (payload and iso descriptors) of the message being assembled; 0 between messages."""
+        return self._need if self._pending is not None else 0
+
+    @property
     def buffered(self):
         return self._end - self._start
 
@@ -604,8 +609,8 @@ cdef class Decoder:
                     out.append(msg)
                     continue
                 self._pending = msg
-                if HEADER_SIZE + self._need > len(self._buf) - self._start:
-                    self._compact()
+                # a body that does not fit gets its buffer in get_buffer, when the caller reads
+                # it: a server can refuse that allocation (pending_body) before it is made
                 continue
             if avail < HEADER_SIZE + self._need:
                 break

@@ -499,6 +499,11 @@ class Decoder:
         self._expect.pop(seqnum, None)
 
     @property
+    def pending_body(self) -> int:
+        """Body bytes (payload and iso descriptors) of the message being assembled; 0 between messages."""
+        return self._need if self._pending is not None else 0
+
+    @property
     def buffered(self) -> int:
         return self._end - self._start
 
@@ -570,10 +575,8 @@ class Decoder:
                     out.append(msg)
                     continue
                 self._pending, self._need, self._data_len = msg, need, data_len
-                if HEADER_SIZE + need > len(buf) - self._start:
-                    # body does not fit: give it a buffer of its own, receive straight into it
-                    self._compact()
-                    buf = self._buf
+                # a body that does not fit gets a buffer of its own in get_buffer, when the caller
+                # reads it: a server can refuse that allocation (pending_body) before it is made
                 continue
             if avail < HEADER_SIZE + self._need:
                 break

@@ -2,9 +2,10 @@
 
 Every number a hostile or dead peer could push up has a bound here, in one place, so
 ``usbipd`` options, the server and the tests agree. The defaults keep a server with 32
-imports well under 1 GiB (each import holds at most ``connection_budget`` plus one
-in-progress URB of at most ``max_transfer``) and free a device whose client vanished
-without FIN/RST within ``dead_peer_timeout`` seconds.
+imports well under 1 GiB (each import holds at most half its ``connection_budget``
+plus one URB of at most ``max_transfer``, or the whole budget, plus a backlog of a
+quarter budget: 22 MiB) and free a device whose client vanished without FIN/RST
+within ``dead_peer_timeout`` seconds.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class ServerLimits:
 
     #: Bytes one import may hold: IN buffers and OUT payloads of URBs in flight plus replies
     #: queued for the socket. Above it the server stops reading that socket until it drains.
-    #: One URB larger than the budget is still served when the import holds nothing else.
+    #: An URB larger than half the budget runs once at most half of it is held.
     connection_budget: int = 8 * MiB
     #: Largest transfer_buffer_length accepted in a CMD_SUBMIT (usbfs' default, 16 MiB).
     max_transfer: int = DEFAULT_MAX_TRANSFER

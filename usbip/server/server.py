@@ -328,6 +328,7 @@ class Server:
             high_water=limits.connection_budget,
             stall_timeout=limits.write_stall_timeout,
             on_drain=on_drain,
+            admit=lambda size: session.admit(size),
         )
         session = UrbSession(
             device,
@@ -336,6 +337,7 @@ class Server:
             limits=limits,
             queued=lambda: stream.queued,
             pause_input=pause_input,
+            readmit=stream.readmit,
         )
         self.sessions.add(session)
         stream.start()

@@ -118,6 +118,7 @@ class UrbSession:
         limits: ServerLimits | None = None,
         queued: Callable[[], int] | None = None,
         pause_input: Callable[[bool], None] | None = None,
+        readmit: Callable[[], None] | None = None,
     ) -> None:
         self.device = device
         self.devid = device.devid if devid is None else devid
@@ -128,6 +129,8 @@ class UrbSession:
         self.backlog_limit = max(limits.connection_budget // 4, 64 * 1024)
         self._queued = queued or (lambda: 0)
         self._pause_input = pause_input
+        self._readmit = readmit
+        self.admission_waiting = False  # the stream waits for room to read a large OUT body
         self.pending: dict[int, Urb] = {}
         self.pending_bytes = 0  # IN buffers and OUT payloads of the URBs in ``pending``
         self.backlog: dict[int, Any] = {}  # seqnum -> CMD_SUBMIT waiting for budget, in arrival order
@@ -160,13 +163,19 @@ class UrbSession:
     # ------------------------------------------------------------ memory budget
     @property
     def held_bytes(self) -> int:
-        """What this connection holds now: URB buffers in flight and replies not yet sent."""
-        return self.pending_bytes + self._queued()
+        """What this connection holds now: URB buffers in flight, backlogged payloads, unsent replies."""
+        return self.pending_bytes + self._queued() + self.backlog_bytes
 
     def _fits(self, cost: int) -> bool:
-        held = self.pending_bytes + self._queued()
-        # one URB bigger than the whole budget still runs when nothing else is held
-        return held + cost <= self.budget or (held == 0 and not self.pending)
+        # an URB larger than half the budget (up to max_transfer) runs once at most half is held
+        return self.pending_bytes + self._queued() + min(cost, self.budget >> 1) <= self.budget
+
+    def admit(self, body: int) -> bool:
+        """May the decoder allocate a ``body``-byte OUT payload now? (Stream asks before reading it.)"""
+        held = self.pending_bytes + self._queued() + self.backlog_bytes
+        ok = held + min(body, self.budget >> 1) <= self.budget
+        self.admission_waiting = not ok
+        return ok
 
     def _defer(self, msg: Any) -> None:
         seqnum = msg.seqnum
@@ -187,23 +196,26 @@ class UrbSession:
 
     def drain(self) -> None:
         """Run backlogged submits that fit the budget now (URBs completed, replies were sent)."""
-        if self._draining or self.closing or not (self.backlog or self.input_paused):
+        if self._draining or self.closing:
             return
-        self._draining = True
-        try:
-            backlog = self.backlog
-            while backlog:
-                seqnum, msg = next(iter(backlog.items()))
-                if not self._fits(msg.transfer_buffer_length):
-                    break
-                del backlog[seqnum]
-                data = msg.data if msg.direction != USBIP_DIR_IN else None
-                self.backlog_bytes -= MSG_OVERHEAD + (len(data) if data is not None else 0)
-                self._submit(msg)
-        finally:
-            self._draining = False
+        backlog = self.backlog
+        if backlog:
+            self._draining = True
+            try:
+                while backlog:
+                    seqnum, msg = next(iter(backlog.items()))
+                    if not self._fits(msg.transfer_buffer_length):
+                        break
+                    del backlog[seqnum]
+                    data = msg.data if msg.direction != USBIP_DIR_IN else None
+                    self.backlog_bytes -= MSG_OVERHEAD + (len(data) if data is not None else 0)
+                    self._submit(msg)
+            finally:
+                self._draining = False
         if self.input_paused and self.backlog_bytes <= self.backlog_limit // 2:
             self._set_input_paused(False)
+        if self.admission_waiting and self._readmit is not None:
+            self._readmit()
 
     def endpoint_type(self, ep: int, direction: int) -> int | None:
         return self._endpoint(ep, direction)[0]
@@ -352,7 +364,7 @@ class UrbSession:
         urb.buffer = b""
         if self._idle is not None and not pending:
             self._idle.set()
-        if self.backlog:
+        if self.backlog or self.admission_waiting:
             self.drain()
 
     def _send_ret_submit(self, urb: Urb, is_in: bool) -> None:
