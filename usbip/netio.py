@@ -133,3 +133,18 @@ def apply_dead_peer_timeout(sock: socket.socket, timeout: float) -> None:
     """
     idle, interval, count = keepalive_params(timeout)
     set_keepalive(sock, idle, interval, count, user_timeout=timeout)
+
+
+class PlainChannel:
+    """The op phase over plain TCP (the TLS twin is ``usbip.tls.TlsChannel``)."""
+
+    peer_names: tuple[str, ...] = ()
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    async def recv_exactly(self, n: int, timeout: float | None = 30.0) -> bytes:
+        return await recv_exactly(self.sock, n, timeout)
+
+    async def send_all(self, data: bytes, timeout: float | None = 30.0) -> None:
+        await send_all(self.sock, data, timeout)

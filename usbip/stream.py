@@ -15,12 +15,22 @@ import logging
 import os
 import select
 import socket
+import ssl
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from .protocol import ProtocolError
 
 log = logging.getLogger(__name__)
+
+
+class TlsSession(Protocol):
+    """What the Stream needs of a TLS session set up in the op phase (``usbip.tls.TlsChannel``)."""
+
+    tls: ssl.SSLObject
+    incoming: ssl.MemoryBIO
+    outgoing: ssl.MemoryBIO
+
 
 IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
 READS_PER_WAKEUP = 16
@@ -68,6 +78,7 @@ class Stream:
         stall_timeout: float | None = None,
         on_drain: Callable[[], None] | None = None,
         admit: Callable[[int], bool] | None = None,
+        tls: TlsSession | None = None,
     ) -> None:
         self.sock = sock
         self.decoder = decoder
@@ -88,6 +99,10 @@ class Stream:
         self.on_drain = on_drain
         self.admit = admit
         self._admitted = False  # the body the decoder waits for was admitted
+        self.tls = tls
+        self._plain: list[Any] = []  # TLS: replies not encrypted yet (one TLS write per batch)
+        self._plain_bytes = 0
+        self._raw = bytearray(256 * 1024) if tls is not None else bytearray()
         self._stall_timer: asyncio.TimerHandle | None = None
         self._hangup_timer: asyncio.TimerHandle | None = None
         self._last_progress = 0.0
@@ -121,6 +136,9 @@ class Stream:
         if want and not self._reading:
             self._reading = True
             self.loop.add_reader(self._fd, self._on_readable)
+            if self.tls is not None and (self.tls.incoming.pending or self.tls.tls.pending()):
+                # bytes already read from the socket wait inside TLS: the fd will not wake us for them
+                self.loop.call_soon(self._on_readable)
         elif not want and self._reading:
             self._reading = False
             self.loop.remove_reader(self._fd)
@@ -145,6 +163,9 @@ class Stream:
         self._hangup_timer = self.loop.call_later(HANGUP_CHECK_INTERVAL, self._check_hangup)
 
     def _on_readable(self) -> None:
+        if self.tls is not None:
+            self._on_readable_tls()
+            return
         self._in_read = True
         try:
             for _ in range(READS_PER_WAKEUP):
@@ -182,6 +203,71 @@ class Stream:
         if not self.closed:
             self.flush()
 
+    def _on_readable_tls(self) -> None:
+        """TLS: ciphertext off the socket into the incoming BIO, plaintext into the decoder's buffers."""
+        if self.closed or not self._reading:
+            return
+        assert self.tls is not None
+        incoming = self.tls.incoming
+        raw = memoryview(self._raw)
+        self._in_read = True
+        try:
+            for _ in range(READS_PER_WAKEUP):
+                if not self._decrypt() or not self._reading:
+                    break
+                try:
+                    n = self.sock.recv_into(raw)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as exc:
+                    self.close(exc)
+                    return
+                if n == 0:
+                    incoming.write_eof()
+                    self._decrypt()
+                    self.close(None)
+                    return
+                self.bytes_in += n
+                incoming.write(raw[:n])
+        finally:
+            self._in_read = False
+        if not self.closed:
+            self.flush()
+
+    def _decrypt(self) -> bool:
+        """Hand every whole message TLS holds to the consumer; False once the stream closed."""
+        assert self.tls is not None
+        tls = self.tls.tls
+        while not self.closed and self._reading:
+            if self.admit is not None and not self._admit_body():
+                return True
+            buf = self.decoder.get_buffer(-1)
+            try:
+                n = tls.read(len(buf), buf)
+            except ssl.SSLWantReadError:
+                return True
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                self.close(None)
+                return False
+            except ssl.SSLError as exc:
+                self.close(ConnectionError(f"TLS stream broken: {exc.reason or exc}"))
+                return False
+            finally:
+                del buf
+            if n == 0:
+                self.close(None)
+                return False
+            try:
+                msgs = self.decoder.buffer_updated(n)
+            except ProtocolError as exc:
+                self.close(exc)
+                return False
+            if msgs:
+                self._admitted = False
+                self.on_messages(msgs)
+                msgs = None
+        return not self.closed
+
     def _admit_body(self) -> bool:
         if self._admitted:
             return True
@@ -210,7 +296,11 @@ class Stream:
         """Queue buffers (bytes, bytearray, memoryview, pooled buffers) for one sendmsg."""
         if self.closed:
             return
-        self._out.extend(buffers)
+        if self.tls is not None:
+            self._plain.extend(buffers)
+            self._plain_bytes += nbytes
+        else:
+            self._out.extend(buffers)
         self._out_bytes += nbytes
         if self.high_water is not None and self._out_bytes > self.high_water and not self._paused & PAUSED_OUTPUT:
             self._paused |= PAUSED_OUTPUT
@@ -228,7 +318,32 @@ class Stream:
             return
         self._send()
 
+    def _encrypt(self) -> None:
+        """TLS: the queued replies as one TLS write; its records join the ciphertext to send."""
+        assert self.tls is not None
+        if self._plain:
+            plain = self._plain
+            data = plain[0] if len(plain) == 1 else b"".join(plain)
+            self._plain = []
+            nbytes = self._plain_bytes
+            self._plain_bytes = 0
+            try:
+                self.tls.tls.write(data)
+            except ssl.SSLError as exc:
+                self.close(ConnectionError(f"TLS stream broken: {exc.reason or exc}"))
+                return
+        else:
+            nbytes = 0
+        if self.tls.outgoing.pending:
+            records = self.tls.outgoing.read()
+            self._out.append(records)
+            self._out_bytes += len(records) - nbytes
+
     def _send(self) -> None:
+        if self.tls is not None:
+            self._encrypt()
+            if self.closed:
+                return
         out = self._out
         progress = False
         while self._out_pos < len(out):
@@ -318,6 +433,7 @@ class Stream:
             return
         self._stop()
         self._out.clear()
+        self._plain.clear()
         self._out_bytes = 0
         try:
             self.sock.close()

@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import sys
 import tempfile
 
@@ -17,7 +18,9 @@ from .. import __version__
 from ..backends.discovery import MODES
 from ..backends.discovery import resolve as resolve_enumeration
 from ..protocol.constants import USBIP_PORT
+from ..server.access import AccessPolicy
 from ..server.limits import MiB, ServerLimits
+from ..tls import server_context
 from . import exitcodes
 from .logs import setup_logging
 
@@ -78,6 +81,29 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="{" + ",".join(MODES) + "}",
         help="how host devices are found: sysfs (/sys/bus/usb/devices), libusb (its own device list: containers "
         "without /sys, other systems) or auto, sysfs when it exists (default: $USBIP_ENUMERATE or auto)",
+    )
+    acc = p.add_argument_group("access (see README: Securing usbipd)")
+    acc.add_argument(
+        "--allow",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="client network allowed to connect (repeatable; default: any address)",
+    )
+    acc.add_argument(
+        "--allow-device",
+        action="append",
+        default=[],
+        metavar="DEVICE=CLIENT[,CLIENT...]",
+        help="only these clients may list and import DEVICE (busid or vid:pid); CLIENT is an address, "
+        "a CIDR or cn:NAME of a TLS client certificate (repeatable)",
+    )
+    acc.add_argument("--tls-cert", metavar="PEM", help="serve TLS 1.3 with this certificate (chain)")
+    acc.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert (default: in the same file)")
+    acc.add_argument(
+        "--tls-client-ca",
+        metavar="PEM",
+        help="require client certificates signed by this CA (mutual TLS authenticates the client)",
     )
     lim = p.add_argument_group("limits (what one client may cost; see usbip/server/limits.py)")
     d = ServerLimits()
@@ -176,6 +202,15 @@ async def _run(args: argparse.Namespace) -> int:
     devices = []
     try:
         limits = limits_from_args(args)
+        access = AccessPolicy.from_specs(args.allow, args.allow_device)
+        if (args.tls_key or args.tls_client_ca) and not args.tls_cert:
+            raise ValueError("--tls-key and --tls-client-ca need --tls-cert")
+        tls = None
+        if args.tls_cert:
+            try:
+                tls = server_context(args.tls_cert, args.tls_key, args.tls_client_ca)
+            except (OSError, ssl.SSLError) as exc:
+                raise ValueError(f"cannot load the TLS certificate, key or CA: {exc}") from exc
         for spec in args.virtual:
             devices.append(make_device(spec))
         if args.demo:
@@ -191,10 +226,12 @@ async def _run(args: argparse.Namespace) -> int:
             log.error("%s", exc)
             return exitcodes.USAGE
     family = socket.AF_INET if args.ipv4 else socket.AF_INET6 if args.ipv6 else socket.AF_UNSPEC
-    server = Server(devices, host=args.host, port=args.tcp_port, family=family, limits=limits)
-    if not _loopback_only(args.host):
+    server = Server(devices, host=args.host, port=args.tcp_port, family=family, limits=limits, access=access, tls=tls)
+    if not _loopback_only(args.host) and not access.restricted and tls is None:
         log.warning(
-            "listening beyond loopback: any host that reaches port %d can import the exported devices", args.tcp_port
+            "listening beyond loopback with no --allow rule and no TLS: any host that reaches port %d can "
+            "import the exported devices",
+            args.tcp_port,
         )
     try:
         await server.start()

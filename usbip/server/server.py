@@ -8,13 +8,14 @@ import dataclasses
 import errno
 import logging
 import socket
+import ssl
 import time
 from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
 from ..device import Device
-from ..netio import PeerClosed, apply_dead_peer_timeout, recv_exactly, send_all, set_nodelay
+from ..netio import PeerClosed, PlainChannel, apply_dead_peer_timeout, set_nodelay
 from ..pool import BufferPool
 from ..protocol import Decoder, ProtocolError
 from ..protocol.constants import (
@@ -28,6 +29,8 @@ from ..protocol.constants import (
 )
 from ..protocol.records import pack_devlist_reply, pack_import_reply, unpack_import_busid, unpack_op_header
 from ..stream import Stream
+from ..tls import TlsChannel, TlsError
+from .access import AccessPolicy, Client
 from .limits import ServerLimits
 from .registry import Registry
 from .session import UrbSession
@@ -70,7 +73,9 @@ class Server:
 
     ``async with Server(...) as srv`` listens; ``srv.port`` is the bound port
     (pass ``port=0`` for an ephemeral one). ``stats()`` counts what is alive.
-    ``limits`` bounds what each client may cost (memory, time, descriptors).
+    ``limits`` bounds what each client may cost (memory, time, descriptors);
+    ``access`` says who may connect and use which device; with ``tls`` (a server
+    ``ssl.SSLContext``, see ``usbip.tls.server_context``) every connection is TLS.
     """
 
     def __init__(
@@ -82,6 +87,8 @@ class Server:
         max_transfer: int | None = None,
         registry: Registry | None = None,
         limits: ServerLimits | None = None,
+        access: AccessPolicy | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.registry = registry or Registry()
         for dev in devices:  # devices given here are virtual: they get busids 100-1, 100-2, ...
@@ -93,6 +100,8 @@ class Server:
         if max_transfer is not None:
             limits = dataclasses.replace(limits, max_transfer=max_transfer)
         self.limits = limits
+        self.access = access or AccessPolicy()
+        self.tls = tls
         self.max_transfer = limits.max_transfer
         self.max_connections = limits.connections
         self.pool = BufferPool()
@@ -205,6 +214,11 @@ class Server:
                 continue
             self.connections_total += 1
             host = addr[0] if isinstance(addr, tuple) else str(addr)
+            if not self.access.may_connect(host):
+                self.connections_refused += 1
+                self._refused_log.log(logging.WARNING, "%s: refused: not in an allowed network (--allow)", host)
+                conn.close()
+                continue
             if self._op_phase[host] >= self.limits.max_op_per_address:
                 self.connections_refused += 1
                 self._refused_log.log(
@@ -242,21 +256,31 @@ class Server:
         try:
             set_nodelay(sock)
             apply_dead_peer_timeout(sock, self.limits.dead_peer_timeout)
-            head = unpack_op_header(await recv_exactly(sock, OP_HEADER_SIZE, op_timeout))
+            channel: PlainChannel | TlsChannel
+            if self.tls is not None:
+                channel = TlsChannel(sock, self.tls, server_side=True)
+                await channel.handshake(op_timeout)
+            else:
+                channel = PlainChannel(sock)
+            client = Client(host, channel.peer_names)
+            head = unpack_op_header(await channel.recv_exactly(OP_HEADER_SIZE, op_timeout))
             self.registry.refresh()
             if head.code == OP_REQ_DEVLIST:
-                await send_all(sock, pack_devlist_reply([d.record() for d in self.registry.devices()]), op_timeout)
-                log.debug("%s: sent device list", peer)
+                records = [rec for rec in (d.record() for d in self.registry.devices()) if self._may_use(client, rec)]
+                await channel.send_all(pack_devlist_reply(records), op_timeout)
+                log.debug("%s: sent device list (%d devices)", peer, len(records))
             elif head.code == OP_REQ_IMPORT:
-                busid = unpack_import_busid(await recv_exactly(sock, BUSID_SIZE, op_timeout))
+                busid = unpack_import_busid(await channel.recv_exactly(BUSID_SIZE, op_timeout))
                 self._leave_op_phase(host)
                 in_op_phase = False
-                await self._import(sock, peer, busid)
+                await self._import(channel, peer, client, busid)
                 return
             else:
                 raise ProtocolError(f"unknown op code 0x{head.code:04x}")
         except ProtocolError as exc:
             self.protocol_errors += 1
+            log.warning("%s: dropped: %s", peer, exc)
+        except TlsError as exc:
             log.warning("%s: dropped: %s", peer, exc)
         except (PeerClosed, ConnectionError, asyncio.TimeoutError, OSError) as exc:
             log.info("%s: connection ended: %s", peer, exc or type(exc).__name__)
@@ -265,12 +289,22 @@ class Server:
                 self._leave_op_phase(host)
             sock.close()
 
-    async def _import(self, sock: socket.socket, peer: str, busid: str) -> None:
+    def _may_use(self, client: Client, record: Any) -> bool:
+        return self.access.may_use(client, record.busid, record.idVendor, record.idProduct)
+
+    async def _import(self, channel: PlainChannel | TlsChannel, peer: str, client: Client, busid: str) -> None:
+        op_timeout = self.limits.op_timeout
+        candidate = self.registry.get(busid)
+        if candidate is not None and self.access.rules and not self._may_use(client, candidate.record()):
+            # answered as for a busid that is not exported: the client learns nothing about it
+            log.warning("%s: import of %s refused for %s by the device rules", peer, busid, client)
+            await channel.send_all(pack_import_reply(int(OpStatus.NODEV)), op_timeout)
+            return
         owner = object()
         status, device = self.registry.claim(busid, owner)
         if status != ST_OK or device is None:
             log.info("%s: import of %s refused: %s", peer, busid, OpStatus(status).name)
-            await send_all(sock, pack_import_reply(status))
+            await channel.send_all(pack_import_reply(status), op_timeout)
             return
         try:
             try:
@@ -278,19 +312,19 @@ class Server:
                 await device.open()
             except Exception as exc:
                 log.error("%s: device %s could not be opened: %s", peer, busid, exc)
-                await send_all(sock, pack_import_reply(int(OpStatus.DEV_ERR)))
+                await channel.send_all(pack_import_reply(int(OpStatus.DEV_ERR)), op_timeout)
                 return
             try:
-                await send_all(sock, pack_import_reply(ST_OK, record))
-                log.info("%s: imported %s", peer, busid)
-                await self._urb_phase(sock, peer, device)
+                await channel.send_all(pack_import_reply(ST_OK, record), op_timeout)
+                log.info("%s: imported %s%s", peer, busid, f" ({client})" if client.names else "")
+                await self._urb_phase(channel, peer, device)
             finally:
                 await device.close()
         finally:
             self.registry.release(busid, owner)
             log.info("%s: released %s", peer, busid)
 
-    async def _urb_phase(self, sock: socket.socket, peer: str, device: Device) -> None:
+    async def _urb_phase(self, channel: PlainChannel | TlsChannel, peer: str, device: Device) -> None:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[BaseException | None] = loop.create_future()
 
@@ -320,7 +354,7 @@ class Server:
                 stream.resume_reading()
 
         stream = Stream(
-            sock,
+            channel.sock,
             decoder,
             on_messages,
             on_close,
@@ -329,6 +363,7 @@ class Server:
             stall_timeout=limits.write_stall_timeout,
             on_drain=on_drain,
             admit=lambda size: session.admit(size),
+            tls=channel if isinstance(channel, TlsChannel) else None,
         )
         session = UrbSession(
             device,
@@ -366,11 +401,9 @@ class Server:
             self.sessions.discard(session)
 
 
-async def serve(
-    devices: Iterable[Device], host: str | None = None, port: int = USBIP_PORT, limits: ServerLimits | None = None
-) -> None:
-    """Run a server until cancelled."""
-    async with Server(devices, host=host, port=port, limits=limits) as srv:
+async def serve(devices: Iterable[Device], host: str | None = None, port: int = USBIP_PORT, **options: Any) -> None:
+    """Run a server until cancelled (``options``: those of :class:`Server`)."""
+    async with Server(devices, host=host, port=port, **options) as srv:
         await srv.serve_forever()
 
 

@@ -1,0 +1,170 @@
+"""TLS for USB/IP: contexts, and the op-phase channel that runs the handshake.
+
+The plain USB/IP byte stream travels inside a TLS 1.3 stream, exactly as stunnel would carry it,
+so a TLS client of ours talks to a stunnel-wrapped kernel usbipd and the other way round.
+TLS runs sans I/O (``ssl.SSLObject`` over two ``ssl.MemoryBIO``): the op phase reads and writes
+through :class:`TlsChannel`; the URB phase's :class:`~usbip.stream.Stream` keeps the same
+``SSLObject`` and BIOs, so it still reads into the decoder's buffers and sends each batch of
+replies as one write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+
+from .netio import PeerClosed
+
+RECV_SIZE = 256 * 1024
+
+
+class TlsError(ConnectionError):
+    """A TLS handshake failed or a TLS stream broke (wrong certificate, not TLS at all, ...)."""
+
+
+def server_context(cert: str, key: str | None = None, client_ca: str | None = None) -> ssl.SSLContext:
+    """TLS 1.3 server context; with ``client_ca`` every client must present a certificate it signed."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.load_cert_chain(cert, key)
+    if client_ca:
+        ctx.load_verify_locations(client_ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def client_context(
+    ca: str | None = None, cert: str | None = None, key: str | None = None, check_hostname: bool = True
+) -> ssl.SSLContext:
+    """TLS 1.3 client context verifying the server against ``ca`` (the system's CAs when None)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    if ca:
+        ctx.load_verify_locations(ca)
+    else:
+        ctx.load_default_certs()
+    ctx.check_hostname = check_hostname
+    if cert:
+        ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+def describe_error(exc: BaseException) -> str:
+    """One readable line for a TLS failure (the reason OpenSSL gives, without the noise)."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate verify failed: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError):
+        return exc.reason or str(exc)
+    return str(exc) or type(exc).__name__
+
+
+def peer_names(tls: ssl.SSLObject) -> tuple[str, ...]:
+    """The verified peer certificate's names: subject commonName, then DNS/email/URI subjectAltNames."""
+    cert = tls.getpeercert()
+    if not cert:
+        return ()
+    names: list[str] = []
+    for rdn in cert.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                names.append(value)
+    for kind, value in cert.get("subjectAltName", ()):
+        if kind in ("DNS", "email", "URI") and value not in names:
+            names.append(value)
+    return tuple(names)
+
+
+class TlsChannel:
+    """A TLS session over a connected non-blocking socket, for the op phase.
+
+    :meth:`recv_exactly` and :meth:`send_all` have the signatures of ``usbip.netio``'s, so
+    the op phase runs unchanged over either. Afterwards ``tls``, ``incoming`` and
+    ``outgoing`` go to the URB phase's Stream (bytes already read stay in ``incoming``).
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        context: ssl.SSLContext,
+        server_side: bool,
+        server_hostname: str | None = None,
+    ) -> None:
+        self.sock = sock
+        self.incoming = ssl.MemoryBIO()
+        self.outgoing = ssl.MemoryBIO()
+        self.tls = context.wrap_bio(
+            self.incoming, self.outgoing, server_side=server_side, server_hostname=server_hostname
+        )
+
+    async def _flush(self) -> None:
+        data = self.outgoing.read()
+        if data:
+            await asyncio.get_running_loop().sock_sendall(self.sock, data)
+
+    async def _fill(self) -> None:
+        data = await asyncio.get_running_loop().sock_recv(self.sock, RECV_SIZE)
+        if data:
+            self.incoming.write(data)
+        else:
+            self.incoming.write_eof()
+
+    async def handshake(self, timeout: float | None) -> None:
+        """Run the handshake (TlsError when it fails, TimeoutError when the peer is too slow)."""
+
+        async def run() -> None:
+            while True:
+                try:
+                    self.tls.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    await self._flush()
+                    if self.incoming.eof:
+                        raise PeerClosed("connection closed during the TLS handshake") from None
+                    await self._fill()
+            await self._flush()
+
+        try:
+            await asyncio.wait_for(run(), timeout)
+        except ssl.SSLError as exc:
+            # tell the peer why (the alert is in outgoing), then fail
+            try:
+                await asyncio.wait_for(self._flush(), 1.0)
+            except (OSError, asyncio.TimeoutError):
+                pass
+            raise TlsError(f"TLS handshake failed: {describe_error(exc)}") from exc
+
+    @property
+    def peer_names(self) -> tuple[str, ...]:
+        return peer_names(self.tls)
+
+    async def recv_exactly(self, n: int, timeout: float | None = 30.0) -> bytes:
+        buf = bytearray()
+
+        async def run() -> None:
+            while len(buf) < n:
+                try:
+                    chunk = self.tls.read(n - len(buf))
+                except ssl.SSLWantReadError:
+                    await self._flush()
+                    if self.incoming.eof:
+                        raise PeerClosed(f"connection closed after {len(buf)} of {n} bytes") from None
+                    await self._fill()
+                    continue
+                except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                    raise PeerClosed(f"connection closed after {len(buf)} of {n} bytes") from None
+                except ssl.SSLError as exc:
+                    raise TlsError(f"TLS stream broken: {describe_error(exc)}") from exc
+                if not chunk:
+                    raise PeerClosed(f"connection closed after {len(buf)} of {n} bytes")
+                buf.extend(chunk)
+
+        await asyncio.wait_for(run(), timeout)
+        return bytes(buf)
+
+    async def send_all(self, data: bytes, timeout: float | None = 30.0) -> None:
+        self.tls.write(data)
+        await asyncio.wait_for(self._flush(), timeout)
+
+
+__all__ = ["TlsChannel", "TlsError", "client_context", "describe_error", "peer_names", "server_context"]
