@@ -305,6 +305,7 @@ def bench_command(host: str, port: int, busid: str, seconds: float | None, quick
 
     from .cli import exitcodes
     from .client import ImportRefused, UsbipError
+    from .client.errors import Timeout
     from .protocol import ProtocolError
 
     log = logging.getLogger("usbip")
@@ -319,6 +320,9 @@ def bench_command(host: str, port: int, busid: str, seconds: float | None, quick
     except ImportRefused as exc:
         log.error("%s: %s", host, exc)
         return exitcodes.REFUSED
+    except Timeout as exc:  # the client's own TimeoutError (it is a UsbipError too)
+        log.error("could not connect to %s:%d: %s", host, port, exc)
+        return exitcodes.UNREACHABLE
     except (ProtocolError, UsbipError) as exc:
         log.error("%s: %s", host, exc)
         return exitcodes.FAILURE

@@ -121,7 +121,8 @@ async def _list_remote(host: str, port: int) -> list[Any]:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from ..client import UsbipError
+    from ..client import Disconnected, UsbipError
+    from ..client.errors import Timeout
     from ..protocol import ProtocolError
 
     if args.remote:
@@ -130,6 +131,9 @@ def cmd_list(args: argparse.Namespace) -> int:
         except ProtocolError as exc:
             log.error("%s: %s", args.remote, exc)
             return exitcodes.FAILURE
+        except (Timeout, Disconnected) as exc:  # no answer / hung up: as unreachable as a failed connect
+            log.error("could not connect to %s:%d: %s", args.remote, args.tcp_port, exc)
+            return exitcodes.UNREACHABLE
         except UsbipError as exc:
             log.error("%s: %s", args.remote, exc)
             return exitcodes.REFUSED

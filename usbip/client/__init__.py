@@ -1,17 +1,30 @@
 """The USB/IP client: list and import remote devices and drive them from user space."""
 
 from .connection import Connection, connect
-from .errors import Cancelled, Disconnected, ImportRefused, Stall, TransferError, UsbipError
+from .errors import (
+    BadReply,
+    Cancelled,
+    Disconnected,
+    ImportRefused,
+    Overloaded,
+    Stall,
+    Timeout,
+    TransferError,
+    UsbipError,
+)
 from .remote import PendingUrb, RemoteDevice, UrbResult
 
 __all__ = [
+    "BadReply",
     "Cancelled",
     "Connection",
     "Disconnected",
     "ImportRefused",
+    "Overloaded",
     "PendingUrb",
     "RemoteDevice",
     "Stall",
+    "Timeout",
     "TransferError",
     "UrbResult",
     "UsbipError",

@@ -8,7 +8,9 @@ an import keeps its connection for the URB phase.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+from collections.abc import Iterator
 from types import TracebackType
 
 from ..netio import recv_exactly, send_all, set_keepalive, set_nodelay
@@ -16,6 +18,7 @@ from ..protocol import ProtocolError
 from ..protocol.constants import (
     DEVICE_RECORD_SIZE,
     INTERFACE_RECORD_SIZE,
+    MAX_DEVICES,
     OP_HEADER_SIZE,
     OP_REP_DEVLIST,
     OP_REP_IMPORT,
@@ -31,13 +34,11 @@ from ..protocol.records import (
     unpack_interfaces,
     unpack_op_header,
 )
-from .errors import ImportRefused, UsbipError
+from .errors import BadReply, Disconnected, ImportRefused, Timeout, UsbipError
 from .remote import RemoteDevice
 
-MAX_INTERFACES = 32  # bNumInterfaces is a u8; USB 2.0 allows 32 interfaces per configuration
 
-
-async def open_socket(host: str, port: int = USBIP_PORT, timeout: float = 10.0) -> socket.socket:
+async def open_socket(host: str, port: int = USBIP_PORT, timeout: float | None = 10.0) -> socket.socket:
     """A connected, non-blocking TCP socket with TCP_NODELAY (as usbip's tools set it)."""
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -49,12 +50,54 @@ async def open_socket(host: str, port: int = USBIP_PORT, timeout: float = 10.0) 
             await asyncio.wait_for(loop.sock_connect(sock, addr), timeout)
         except (OSError, asyncio.TimeoutError) as exc:
             sock.close()
-            last = exc if isinstance(exc, OSError) else OSError(f"connect to {host}:{port} timed out")
+            last = exc if isinstance(exc, OSError) else Timeout(f"connect to {host}:{port} timed out")
             continue
+        except BaseException:
+            sock.close()
+            raise
         set_nodelay(sock)
         set_keepalive(sock)
         return sock
     raise last or OSError(f"cannot resolve {host}")
+
+
+MAX_INTERFACES = 32  # bNumInterfaces is a u8; USB 2.0 allows 32 interfaces per configuration
+
+
+class _Deadline:
+    """One time budget for a whole op request (connect, request, every part of the reply).
+
+    Each read has its own timeout in ``recv_exactly``; without a budget over all of them a
+    server trickling a long device list one record at a time could hold the caller for
+    ``count * timeout``.
+    """
+
+    def __init__(self, timeout: float | None) -> None:
+        self.timeout = timeout
+        self.end = None if timeout is None else asyncio.get_running_loop().time() + timeout
+
+    def left(self) -> float | None:
+        if self.end is None:
+            return None
+        left = self.end - asyncio.get_running_loop().time()
+        if left <= 0:
+            raise Timeout(f"no answer within {self.timeout} s")
+        return left
+
+
+@contextlib.contextmanager
+def _op_errors(host: str, port: int, what: str, timeout: float | None) -> Iterator[None]:
+    """Report what the server did (or failed to do) during an op request as client errors."""
+    try:
+        yield
+    except UsbipError:
+        raise
+    except ProtocolError as exc:
+        raise BadReply(f"{what} from {host}:{port}: {exc}") from exc
+    except asyncio.TimeoutError as exc:
+        raise Timeout(f"{what} from {host}:{port}: no answer within {timeout} s") from exc
+    except (ConnectionError, EOFError) as exc:  # netio.PeerClosed is a ConnectionError
+        raise Disconnected(f"{what} from {host}:{port}: {exc or type(exc).__name__}") from exc
 
 
 class Connection:
@@ -75,52 +118,67 @@ class Connection:
         await self.close()
 
     async def close(self) -> None:
-        for dev in self._devices:
+        devices, self._devices = self._devices, []
+        for dev in devices:
             await dev.close()
-        self._devices.clear()
 
     async def list_devices(self) -> list[DeviceRecord]:
-        """OP_REQ_DEVLIST: the exported devices with their interface classes."""
-        sock = await open_socket(self.host, self.port, self.timeout)
-        try:
-            t = self.timeout
-            await send_all(sock, pack_op_header(OP_REQ_DEVLIST), t)
-            head = unpack_op_header(await recv_exactly(sock, OP_HEADER_SIZE, t))
-            if head.code != OP_REP_DEVLIST:
-                raise ProtocolError(f"expected OP_REP_DEVLIST, got op code 0x{head.code:04x}")
-            if head.status != ST_OK:
-                raise UsbipError(f"server refused the device list (status {head.status})")
-            count = unpack_devlist_count(await recv_exactly(sock, 4, t))
-            devices = []
-            for _ in range(count):
-                raw = await recv_exactly(sock, DEVICE_RECORD_SIZE, t)
-                nif = raw[DEVICE_RECORD_SIZE - 1]
-                if nif > MAX_INTERFACES:
-                    raise ProtocolError(f"device record claims {nif} interfaces (limit {MAX_INTERFACES})")
-                ifaces = unpack_interfaces(await recv_exactly(sock, nif * INTERFACE_RECORD_SIZE, t), nif)
-                devices.append(DeviceRecord.unpack(raw, ifaces))
-            return devices
-        finally:
-            sock.close()
+        """OP_REQ_DEVLIST: the exported devices with their interface classes.
+
+        The whole exchange (connect included) gets ``timeout`` seconds; every count in the
+        reply is bounded before anything is read for it (at most MAX_DEVICES devices of at most
+        MAX_INTERFACES interfaces, about 1.8 MB).
+        """
+        deadline = _Deadline(self.timeout)
+        sock = await open_socket(self.host, self.port, deadline.left())  # connect errors stay OSErrors
+        with _op_errors(self.host, self.port, "device list", self.timeout):
+            try:
+                await send_all(sock, pack_op_header(OP_REQ_DEVLIST), deadline.left())
+                head = unpack_op_header(await recv_exactly(sock, OP_HEADER_SIZE, deadline.left()))
+                if head.code != OP_REP_DEVLIST:
+                    raise BadReply(f"expected OP_REP_DEVLIST, got op code 0x{head.code:04x}")
+                if head.status != ST_OK:
+                    raise UsbipError(f"server refused the device list (status {head.status})")
+                count = unpack_devlist_count(await recv_exactly(sock, 4, deadline.left()), MAX_DEVICES)
+                devices = []
+                for _ in range(count):
+                    raw = await recv_exactly(sock, DEVICE_RECORD_SIZE, deadline.left())
+                    nif = raw[DEVICE_RECORD_SIZE - 1]
+                    if nif > MAX_INTERFACES:
+                        raise BadReply(f"device record claims {nif} interfaces (limit {MAX_INTERFACES})")
+                    data = await recv_exactly(sock, nif * INTERFACE_RECORD_SIZE, deadline.left()) if nif else b""
+                    devices.append(DeviceRecord.unpack(raw, unpack_interfaces(data, nif)))
+                return devices
+            finally:
+                sock.close()
 
     async def import_socket(self, busid: str) -> tuple[socket.socket, DeviceRecord]:
-        """OP_REQ_IMPORT: the connected socket, ready for the URB phase, and the device record."""
-        sock = await open_socket(self.host, self.port, self.timeout)
-        try:
-            t = self.timeout
-            await send_all(sock, pack_import_request(busid), t)
-            head = unpack_op_header(await recv_exactly(sock, OP_HEADER_SIZE, t))
-            if head.code != OP_REP_IMPORT:
-                raise ProtocolError(f"expected OP_REP_IMPORT, got op code 0x{head.code:04x}")
-            if head.status != ST_OK:
-                raise ImportRefused(busid, head.status)
-            record = DeviceRecord.unpack(await recv_exactly(sock, DEVICE_RECORD_SIZE, t))
-            if record.busid != busid:
-                raise ProtocolError(f"asked for {busid}, server sent {record.busid}")
-            return sock, record
-        except BaseException:
-            sock.close()
-            raise
+        """OP_REQ_IMPORT: the connected socket, ready for the URB phase, and the device record.
+
+        The reply must name the device asked for, with a devid (busnum << 16 | devnum) that
+        fits the 32-bit field of every URB header; the exchange gets ``timeout`` seconds.
+        """
+        deadline = _Deadline(self.timeout)
+        sock = await open_socket(self.host, self.port, deadline.left())  # connect errors stay OSErrors
+        with _op_errors(self.host, self.port, f"import of {busid}", self.timeout):
+            try:
+                await send_all(sock, pack_import_request(busid), deadline.left())
+                head = unpack_op_header(await recv_exactly(sock, OP_HEADER_SIZE, deadline.left()))
+                if head.code != OP_REP_IMPORT:
+                    raise BadReply(f"expected OP_REP_IMPORT, got op code 0x{head.code:04x}")
+                if head.status != ST_OK:
+                    raise ImportRefused(busid, head.status)
+                record = DeviceRecord.unpack(await recv_exactly(sock, DEVICE_RECORD_SIZE, deadline.left()))
+                if record.busid != busid:
+                    raise BadReply(f"asked for {busid}, server sent {record.busid!r}")
+                if record.busnum > 0xFFFF or record.devnum > 0xFFFF:
+                    raise BadReply(
+                        f"device {busid}: busnum {record.busnum} / devnum {record.devnum} do not make a 32-bit devid"
+                    )
+                return sock, record
+            except BaseException:
+                sock.close()
+                raise
 
     async def import_device(self, busid: str, read_descriptors: bool = True, configure: bool = True) -> RemoteDevice:
         """Import ``busid`` and drive it from user space (no kernel driver, no root).
@@ -131,6 +189,8 @@ class Connection:
         """
         sock, record = await self.import_socket(busid)
         dev = RemoteDevice(sock, record)
+        # a long-lived Connection keeps only the devices still open (each holds its receive buffer)
+        self._devices = [d for d in self._devices if not d.closed]
         self._devices.append(dev)
         try:
             if read_descriptors or configure:

@@ -1,11 +1,20 @@
-"""Errors a USB/IP client reports."""
+"""Errors a USB/IP client reports.
+
+Every error the client raises because of what a server sent (or did not send) is a
+:class:`UsbipError`; none of them is a bare ``OverflowError``, ``KeyError`` or
+``struct.error``, whatever the server sends. :class:`BadReply` is also a
+:class:`usbip.ProtocolError`, :class:`Timeout` also a ``TimeoutError`` (and
+``asyncio.TimeoutError``), :class:`Disconnected` also a ``ConnectionError``.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 
 from ..protocol.constants import OpStatus
+from ..protocol.errors import ProtocolError
 
 _OP_STATUS_TEXT = {
     OpStatus.NA: "device not available",
@@ -16,8 +25,43 @@ _OP_STATUS_TEXT = {
 }
 
 
+def status_text(status: int) -> str:
+    """A readable name for an URB status off the wire: ``-EPIPE: Broken pipe``, ``status 5 (...)``.
+
+    The kernel reports a negative errno; a server may send any 32-bit value, so nothing
+    here assumes the value is one (``os.strerror`` raises OverflowError past a C int).
+    """
+    if status < 0:
+        name = errno.errorcode.get(-status)
+        if name is not None:
+            try:
+                return f"-{name}: {os.strerror(-status)}"
+            except (ValueError, OverflowError):  # pragma: no cover - errorcode names are C ints
+                return f"-{name}"
+        return f"status {status} (not a known errno)"
+    return f"status {status} (not a negative errno)"
+
+
 class UsbipError(Exception):
     """Base class of client-side errors."""
+
+
+class BadReply(UsbipError, ProtocolError):
+    """The server sent something the USB/IP protocol does not allow (the connection is dropped)."""
+
+
+# asyncio.TimeoutError is the builtin TimeoutError from Python 3.11 on, a class of its own before
+_TIMEOUT_BASES: tuple[type[BaseException], ...] = (
+    (TimeoutError,) if asyncio.TimeoutError is TimeoutError else (TimeoutError, asyncio.TimeoutError)
+)
+
+
+class Timeout(UsbipError, *_TIMEOUT_BASES):  # type: ignore[misc]
+    """The server did not answer in time."""
+
+
+class Overloaded(UsbipError):
+    """Too many URBs in flight, or too much data queued for a server that does not read it."""
 
 
 class ImportRefused(UsbipError):
@@ -28,21 +72,26 @@ class ImportRefused(UsbipError):
         self.status = status
         try:
             text = _OP_STATUS_TEXT[OpStatus(status)]
-        except ValueError:
+        except (ValueError, KeyError):
             text = f"status {status}"
         super().__init__(f"import of {busid} refused: {text}")
 
 
 class TransferError(UsbipError, OSError):
-    """An URB completed with a non-zero status (a negative errno, as the kernel reports it)."""
+    """An URB completed with a non-zero status (a negative errno, as the kernel reports it).
 
-    def __init__(self, status: int, actual_length: int = 0, data: bytes | memoryview | None = None) -> None:
+    ``status`` is the value off the wire; ``errno`` is its negation (so ``errno.EPIPE`` for a stall).
+    """
+
+    def __init__(self, status: int, actual_length: int = 0, data: bytes | bytearray | memoryview | None = None) -> None:
         self.status = status
         self.actual_length = actual_length
         self.data = data
-        code = -status
-        name = errno.errorcode.get(code, str(code))
-        OSError.__init__(self, code, f"URB failed with -{name}: {os.strerror(code)}")
+        OSError.__init__(self, -status, f"URB failed with {status_text(status)}")
+
+    def __reduce__(self) -> tuple[object, ...]:  # OSError's would rebuild it from (errno, strerror)
+        data = bytes(self.data) if isinstance(self.data, memoryview) else self.data
+        return (type(self), (self.status, self.actual_length, data))
 
 
 class Stall(TransferError):
@@ -54,10 +103,12 @@ class Cancelled(TransferError):
 
 
 class Disconnected(UsbipError, ConnectionError):
-    """The connection to the server ended while URBs were in flight."""
+    """The connection to the server ended (while URBs were in flight, or during a request)."""
 
 
-def transfer_error(status: int, actual_length: int = 0, data: bytes | memoryview | None = None) -> TransferError:
+def transfer_error(
+    status: int, actual_length: int = 0, data: bytes | bytearray | memoryview | None = None
+) -> TransferError:
     if status == -errno.EPIPE:
         return Stall(status, actual_length, data)
     if status in (-errno.ECONNRESET, -errno.ENOENT):

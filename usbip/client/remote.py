@@ -17,16 +17,24 @@ from ..protocol import (
     Decoder,
     DeviceRecord,
     IsoPackets,
+    ProtocolError,
     pack_cmd_submit,
     pack_cmd_unlink,
 )
 from ..protocol.constants import DEFAULT_MAX_TRANSFER, ECONNRESET, URB_ISO_ASAP, USBIP_RET_UNLINK
 from ..stream import Stream
-from .errors import Disconnected, transfer_error
+from .errors import BadReply, Disconnected, Overloaded, Timeout, transfer_error
 
 log = logging.getLogger(__name__)
 
 UNLINK_TIMEOUT = 5.0  # how long a cancelled URB waits for the server's RET_UNLINK / RET_SUBMIT
+# What one connection may have outstanding. A server that stops answering or reading must not
+# make the client grow without bound: past these, submit() raises Overloaded. The server side
+# drops a connection with more than 4096 URBs in flight (usbip/server/session.py), so no working
+# exchange needs more.
+MAX_IN_FLIGHT = 4096
+MAX_QUEUED = 64 * 1024 * 1024  # bytes written but not yet taken by the socket
+MAX_TRANSFER_LENGTH = 0x7FFFFFFF  # transfer_buffer_length is a signed 32-bit field
 
 
 class UrbResult:
@@ -52,7 +60,8 @@ class UrbResult:
 
     def packets(self) -> list[tuple[int, int, bytes]]:
         """Iso IN results as (status, actual_length, data) per packet."""
-        assert self.iso is not None and self.data is not None
+        if self.iso is None or self.data is None:
+            raise ValueError("not the result of an isochronous IN transfer")
         mv = memoryview(self.data)
         return [(st, act, bytes(mv[off : off + act])) for off, _ln, act, st in self.iso.tolist()]
 
@@ -85,7 +94,9 @@ class PendingUrb:
             if not self.future.done():
                 await self.device._unlink(self)
             if not self.future.done():  # the server never answered the unlink
-                raise
+                raise Timeout(
+                    f"{self.device.busid}: seqnum {self.seqnum} timed out and the server did not answer its unlink"
+                ) from None
             res = self.future.result()  # raises Disconnected if the connection ended meanwhile
             if res.status == 0:  # it completed before the unlink reached the server: keep the data
                 return res
@@ -110,15 +121,20 @@ class RemoteDevice:
         record: DeviceRecord,
         max_transfer: int = DEFAULT_MAX_TRANSFER,
         loop: asyncio.AbstractEventLoop | None = None,
+        max_in_flight: int = MAX_IN_FLIGHT,
+        max_queued: int = MAX_QUEUED,
     ) -> None:
         self.loop = loop or asyncio.get_running_loop()
         self.record = record
         self.busid = record.busid
         self.devid = record.devid
         self.speed = record.speed
+        self.max_in_flight = max_in_flight
+        self.max_queued = max_queued
         self._seq = 0
         self._pending: dict[int, PendingUrb] = {}
-        self._unlinks: dict[int, PendingUrb] = {}
+        self._unlinks: dict[int, int] = {}  # seqnum of a CMD_UNLINK -> seqnum of the URB it targets
+        self._unknown_unlink_replies = 0
         self._decoder = Decoder("client", max_transfer=max_transfer)
         self._stream = Stream(sock, self._decoder, self._on_messages, self._on_close, self.loop)
         self._stream.start()
@@ -163,10 +179,13 @@ class RemoteDevice:
         """
         if self.closed:
             raise Disconnected(f"connection to {self.busid} is closed: {self.close_reason}")
+        if len(self._pending) >= self.max_in_flight:
+            raise Overloaded(f"{self.busid}: {len(self._pending)} URBs in flight (limit {self.max_in_flight})")
         ep = endpoint & 0x0F
         direction = USBIP_DIR_IN if endpoint & 0x80 else USBIP_DIR_OUT
         if ep == 0 and len(setup) == 8:
             direction = USBIP_DIR_IN if setup[0] & 0x80 else USBIP_DIR_OUT
+        payload: bytes | bytearray | memoryview | None
         if direction == USBIP_DIR_IN:
             if not isinstance(data_or_length, int):
                 raise TypeError("an IN transfer takes a length")
@@ -178,6 +197,8 @@ class RemoteDevice:
             else:
                 payload = data_or_length
             length = memoryview(payload).nbytes
+        if not 0 <= length <= MAX_TRANSFER_LENGTH:
+            raise ValueError(f"transfer length {length} outside 0..{MAX_TRANSFER_LENGTH}")
         iso = None
         np = 0
         if iso_packets is not None:
@@ -191,6 +212,11 @@ class RemoteDevice:
             iso = IsoPackets.from_list(offsets)
             np = len(iso)
             transfer_flags |= URB_ISO_ASAP
+        nbytes = HEADER_SIZE + (length if payload is not None else 0) + np * 16
+        queued = self._stream.queued
+        if queued and queued + nbytes > self.max_queued:
+            # the server is not reading (or far slower than we write): do not pile up more
+            raise Overloaded(f"{self.busid}: {queued} bytes wait to be sent (limit {self.max_queued})")
         seqnum = self._next_seqnum()
         urb = PendingUrb(self, seqnum, direction, length, iso)
         hdr = bytearray(HEADER_SIZE)
@@ -198,13 +224,10 @@ class RemoteDevice:
             hdr, 0, seqnum, self.devid, direction, ep, transfer_flags, length, start_frame, np, interval, setup
         )
         parts: list[Any] = [hdr]
-        nbytes = HEADER_SIZE
         if payload is not None and length:
             parts.append(payload)
-            nbytes += length
         if iso is not None:
             parts.append(iso.to_bytes())
-            nbytes += np * 16
         self._pending[seqnum] = urb
         self._decoder.expect(seqnum, length if direction == USBIP_DIR_IN else -1)
         self._stream.write(parts, nbytes)
@@ -277,15 +300,30 @@ class RemoteDevice:
         return await self.control_transfer(0x80, 6, (dtype << 8) | index, lang, length)
 
     async def read_descriptors(self) -> None:
-        """Fetch and parse the device and (first) configuration descriptors."""
+        """Fetch and parse the device and (first) configuration descriptors.
+
+        Raises BadReply when the device answers with something that is not one.
+        """
         dd = await self.get_descriptor(DT_DEVICE, 0, 18)
-        self.device_descriptor = parse_device_descriptor(dd)
+        try:
+            self.device_descriptor = parse_device_descriptor(dd)
+        except ValueError as exc:
+            raise BadReply(f"{self.busid}: device descriptor {dd.hex()}: {exc}") from None
         head = await self.get_descriptor(DT_CONFIG, 0, 9)
+        if len(head) < 9 or head[1] != DT_CONFIG:
+            raise BadReply(f"{self.busid}: configuration descriptor header {head.hex()} is not one")
         total = struct.unpack_from("<H", head, 2)[0]
-        self.configuration_descriptor = await self.get_descriptor(DT_CONFIG, 0, total)
+        if total < 9:
+            raise BadReply(f"{self.busid}: configuration descriptor wTotalLength {total} < 9")
+        config = await self.get_descriptor(DT_CONFIG, 0, total)
+        if len(config) < 9:
+            raise BadReply(f"{self.busid}: configuration descriptor of {len(config)} bytes")
+        self.configuration_descriptor = config
 
     async def get_string(self, index: int, lang: int = 0x0409) -> str:
         raw = await self.get_descriptor(3, index, 255, lang)
+        if len(raw) < 2:
+            return ""
         return raw[2 : raw[0]].decode("utf-16-le", errors="replace")
 
     def endpoints(self) -> list[dict[str, int]]:
@@ -303,8 +341,14 @@ class RemoteDevice:
     # ------------------------------------------------------------ unlink
     def _send_unlink(self, urb: PendingUrb) -> None:
         urb.unlinked = True
+        unlinks = self._unlinks
+        if len(unlinks) > 2 * len(self._pending) + 64:
+            # unlinks of URBs that completed meanwhile: the server owes a RET_UNLINK (status 0) for
+            # each, which a hostile one never sends; forget them so the table stays bounded
+            for useq in [u for u, target in unlinks.items() if target not in self._pending]:
+                del unlinks[useq]
         seqnum = self._next_seqnum()
-        self._unlinks[seqnum] = urb
+        unlinks[seqnum] = urb.seqnum
         hdr = bytearray(HEADER_SIZE)
         pack_cmd_unlink(hdr, 0, seqnum, self.devid, urb.direction, 0, urb.seqnum)
         self._stream.write([hdr], HEADER_SIZE)
@@ -322,47 +366,106 @@ class RemoteDevice:
             pass
 
     # ------------------------------------------------------------ replies
+    def _violation(self, urb: PendingUrb, text: str) -> None:
+        """The server broke the protocol: drop the connection (``urb`` and every other pending URB
+        get Disconnected, caused by a BadReply)."""
+        self._pending[urb.seqnum] = urb
+        self._stream.close(BadReply(f"{self.busid}: seqnum {urb.seqnum}: {text}"))
+
     def _on_messages(self, msgs: list[Any]) -> None:
         for msg in msgs:
+            if self.closed:
+                return
             if msg.command == USBIP_RET_UNLINK:
-                target = self._unlinks.pop(msg.seqnum, None)
-                if target is None:
-                    log.warning("%s: RET_UNLINK for unknown unlink seqnum %d", self.busid, msg.seqnum)
-                    continue
-                if self._pending.pop(target.seqnum, None) is not None:
-                    # cancelled before it completed: no RET_SUBMIT will follow
-                    self._decoder.forget(target.seqnum)
-                    if not target.future.done():
-                        target.future.set_result(UrbResult(msg.status or ECONNRESET, 0, None, target.iso))
+                self._on_ret_unlink(msg)
                 continue
             urb = self._pending.pop(msg.seqnum, None)
             if urb is None:  # the decoder only passes seqnums we expect
                 continue
-            data = msg.data
-            iso = msg.iso
-            if iso is not None and urb.direction == USBIP_DIR_IN:
-                buf = bytearray(urb.length)
-                al = msg.actual_length
-                if al:
-                    buf[:al] = data
-                iso.spread(buf, al)
-                data = buf
-            res = UrbResult(msg.status, msg.actual_length, data, iso, msg.start_frame, msg.error_count)
+            res = self._result(urb, msg)
+            if res is None:
+                return
             if not urb.future.done():
                 urb.future.set_result(res)
 
+    def _on_ret_unlink(self, msg: Any) -> None:
+        target_seq = self._unlinks.pop(msg.seqnum, None)
+        if target_seq is None:
+            # vhci ignores these too (vhci_recv_ret_unlink); say so once, not once per message
+            self._unknown_unlink_replies += 1
+            level = logging.WARNING if self._unknown_unlink_replies == 1 else logging.DEBUG
+            log.log(level, "%s: RET_UNLINK for unknown unlink seqnum %d", self.busid, msg.seqnum)
+            return
+        target = self._pending.pop(target_seq, None)
+        if target is not None:
+            # cancelled before it completed: no RET_SUBMIT will follow
+            self._decoder.forget(target_seq)
+            if not target.future.done():
+                target.future.set_result(UrbResult(msg.status or ECONNRESET, 0, None, target.iso))
+
+    def _result(self, urb: PendingUrb, msg: Any) -> UrbResult | None:
+        """The result of ``urb`` from its RET_SUBMIT, or None after a violation dropped the connection.
+
+        The decoder already bounded actual_length by the IN buffer length, number_of_packets by
+        1024 and each iso descriptor by the buffer; what it cannot know is checked here: an OUT
+        URB cannot have moved more than it sent, and iso descriptors must be the URB's own
+        (same count; only actual_length and status are taken from the server).
+        """
+        al = msg.actual_length
+        data = msg.data
+        if urb.direction != USBIP_DIR_IN and al > urb.length:
+            self._violation(urb, f"actual_length {al} > the {urb.length} bytes sent")
+            return None
+        got = msg.iso
+        if got is None:
+            if urb.iso is not None and al and urb.direction == USBIP_DIR_IN:
+                # no descriptors to place the packets with: usbip_recv_iso fails the same way
+                self._violation(urb, "iso IN data without packet descriptors")
+                return None
+            return UrbResult(msg.status, al, data, None, msg.start_frame, msg.error_count)
+        sent = urb.iso
+        if sent is None or len(got) != len(sent):
+            have = 0 if sent is None else len(sent)
+            self._violation(urb, f"{len(got)} iso descriptors in the reply, {have} sent")
+            return None
+        packets = []
+        pairs = zip(sent.tolist(), got.tolist(), strict=True)
+        for i, ((off, length, _a, _s), (_o, _l, actual, status)) in enumerate(pairs):
+            if actual > length:
+                self._violation(urb, f"iso packet {i} actual_length {actual} > length {length}")
+                return None
+            packets.append((off, length, actual, status))
+        iso = IsoPackets.from_list(packets)
+        if urb.direction == USBIP_DIR_IN:
+            buf = bytearray(urb.length)
+            if al:
+                buf[:al] = data
+            try:
+                iso.spread(buf, al)
+            except (ProtocolError, ValueError) as exc:
+                self._violation(urb, str(exc))
+                return None
+            data = buf
+        return UrbResult(msg.status, al, data, iso, msg.start_frame, msg.error_count)
+
     def _on_close(self, exc: BaseException | None) -> None:
+        if isinstance(exc, ProtocolError) and not isinstance(exc, BadReply):  # from the decoder
+            bad = BadReply(f"{self.busid}: {exc}")
+            bad.__cause__ = exc
+            exc = bad
         self.closed = True
         self.close_reason = exc
         if exc is not None:
             log.warning("%s: connection ended: %s", self.busid, exc)
         err = Disconnected(f"connection to {self.busid} ended" + (f": {exc}" if exc else ""))
-        for urb in list(self._pending.values()):
+        err.__cause__ = exc
+        pending = list(self._pending.values())
+        self._pending.clear()
+        self._unlinks.clear()
+        for urb in pending:
             if not urb.future.done():
                 urb.future.set_exception(err)
                 urb.future.exception()  # mark retrieved: nobody may be awaiting it
-        self._pending.clear()
-        self._unlinks.clear()
 
 
 __all__ = ["PendingUrb", "RemoteDevice", "UrbResult"]

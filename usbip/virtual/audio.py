@@ -396,6 +396,9 @@ class AudioDevice(VirtualDevice):
     async def close(self) -> None:
         for stream in self._streams.values():
             self._stop(stream, "device closed")
+            # the next importer's URBs take slots from its own start, not after the last one's
+            stream.next_slot = 0.0
+            stream.remainder = 0
         await super().close()
 
     def _stop(self, stream: _Stream, why: str) -> None:

@@ -361,6 +361,9 @@ class WaitQueue:
     def __init__(self, device: VirtualDevice) -> None:
         self._device = device
         self._q: deque[Urb] = deque()
+        # registered so abort_all() empties it too (also of URBs taken out of _waiting); a subclass
+        # may create its queues before VirtualDevice.__init__ has run
+        device.__dict__.setdefault("_queues", []).append(self)
 
     def park(self, urb: Urb) -> None:
         self._q.append(urb)
@@ -472,6 +475,7 @@ class VirtualDevice(Device):
         self._alts: dict[int, int] = {}
         self._waiting: dict[Urb, Callable[[Urb, int], None]] = {}
         self._tasks: dict[Urb, asyncio.Task[Any]] = {}
+        self._queues: list[WaitQueue] = self.__dict__.get("_queues", [])  # WaitQueues register themselves
         self._dev_desc = b""
         self._config_descs: list[bytes] = []
         self._other_speed: list[bytes] = []
@@ -666,10 +670,19 @@ class VirtualDevice(Device):
                 task.cancel()
 
     def abort_all(self, status: int = ECONNRESET) -> None:
-        for urb in list(self._waiting):
-            abort = self._waiting.pop(urb, None)
-            if abort is not None:
-                abort(urb, status)
+        """Complete every parked URB and task with ``status`` and let go of them all.
+
+        Called on reset and when the importing client is gone (:meth:`close`): afterwards the
+        device holds no URB, so nothing of the ended session (its callbacks, its buffers) stays
+        reachable from the device.
+        """
+        while self._waiting:  # (an abort callback may park another URB)
+            for urb in list(self._waiting):
+                abort = self._waiting.pop(urb, None)
+                if abort is not None:
+                    abort(urb, status)
+        for queue in self._queues:  # URBs a queue still holds (completed, or taken out of _waiting)
+            queue.abort_all(status)
         for urb, task in list(self._tasks.items()):
             urb.complete(status, 0)
             task.cancel()

@@ -101,7 +101,6 @@ class SerialDevice(VirtualDevice):
         self._in_wait = WaitQueue(self)
         self._out_wait = WaitQueue(self)
         self._notify_wait = WaitQueue(self)
-        self._out_done: dict[Urb, int] = {}
         self._reader: asyncio.AbstractEventLoop | None = None
         self._writer: asyncio.AbstractEventLoop | None = None
         self.on_endpoint(0x81, self._bulk_in)
@@ -118,15 +117,18 @@ class SerialDevice(VirtualDevice):
 
     # ------------------------------------------------------------ host -> pty
     def _bulk_out(self, urb: Urb) -> None:
+        # How much of a parked OUT URB reached the PTY is kept on the URB itself (``urb.context``),
+        # not in a table of the device: a cancelled URB then leaves nothing behind (a table entry
+        # would keep the URB, its session and the session's receive buffer alive for good).
         if len(self._out_wait) == 0:
             n = urb.transfer_buffer_length
             done = self._write(urb, 0)
             if done >= n:
                 urb.complete(0, n)
                 return
-            self._out_done[urb] = done
+            urb.context = done
         else:
-            self._out_done[urb] = 0
+            urb.context = 0
         self._out_wait.park(urb)
         if self._writer is None:
             self._writer = asyncio.get_running_loop()
@@ -148,13 +150,14 @@ class SerialDevice(VirtualDevice):
             urb = self._out_wait.pop()
             if urb is None:
                 break
-            done = self._write(urb, self._out_done.pop(urb, 0))
+            start = urb.context if isinstance(urb.context, int) else 0
+            done = self._write(urb, start)
             if done < urb.transfer_buffer_length:
-                self._out_done[urb] = done
+                urb.context = done
                 self._out_wait.push_front(urb)
                 return
+            urb.context = None
             urb.complete(0, urb.transfer_buffer_length)
-        self._out_done.clear()
         if self._writer is not None:
             self._writer.remove_writer(self.master)
             self._writer = None

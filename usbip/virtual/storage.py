@@ -181,6 +181,7 @@ class StorageDevice(VirtualDevice):
         self.loaded = True
         self.prevent_removal = False
         self.commands = 0
+        self._dirty = False  # written since the last fsync
         self._in_wait = WaitQueue(self)
         self._reset_state()
         self._ops = {
@@ -216,12 +217,18 @@ class StorageDevice(VirtualDevice):
         return self.blocks * BLOCK_SIZE
 
     def sync(self) -> None:
-        if self.fd >= 0 and not self.readonly:
+        """fsync the image if anything was written since the last sync."""
+        if self.fd >= 0 and not self.readonly and self._dirty:
             os.fsync(self.fd)
+            self._dirty = False
 
     async def close(self) -> None:
-        self.sync()
-        await super().close()
+        try:
+            self.sync()
+        except OSError as exc:  # the parked URBs must still be let go of
+            log.error("%s: fsync: %s", self.image_path, exc)
+        finally:
+            await super().close()
 
     def describe(self) -> str:
         return f"image {self.image_path}{' read-only' if self.readonly else ''}"
@@ -333,6 +340,7 @@ class StorageDevice(VirtualDevice):
         take = min(n, self._d_rem)
         if take and self._write:
             with memoryview(urb.buffer) as mv:
+                self._dirty = True
                 try:
                     done = 0
                     while done < take:
