@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import ssl
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -237,12 +238,13 @@ async def run_matrix(
     warmup: float = 0.3,
     quick: bool = False,
     progress: bool = True,
+    tls: ssl.SSLContext | None = None,
 ) -> dict[str, Any]:
     """Import ``busid`` from ``host:port`` and run the matrix; returns the JSON document."""
     from .client import connect
     from .protocol import IMPLEMENTATION
 
-    async with connect(host, port) as conn:
+    async with connect(host, port, tls=tls) as conn:
         dev = await conn.import_device(busid)
         bulk_in, bulk_out = first_bulk_endpoints(dev.endpoints())
         cases = plan(bulk_in, bulk_out, quick)
@@ -299,12 +301,20 @@ def format_results(doc: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def bench_command(host: str, port: int, busid: str, seconds: float | None, quick: bool, as_json: bool) -> int:
+def bench_command(
+    host: str,
+    port: int,
+    busid: str,
+    seconds: float | None,
+    quick: bool,
+    as_json: bool,
+    tls: ssl.SSLContext | None = None,
+) -> int:
     """``usbip bench``: the exit code (see :mod:`usbip.cli.exitcodes`)."""
     import logging
 
     from .cli import exitcodes
-    from .client import ImportRefused, UsbipError
+    from .client import ImportRefused, TlsFailed, UsbipError
     from .client.errors import Timeout
     from .protocol import ProtocolError
 
@@ -316,8 +326,8 @@ def bench_command(host: str, port: int, busid: str, seconds: float | None, quick
         return exitcodes.USAGE
     warmup = 0.02 if quick else min(0.3, seconds)
     try:
-        doc = asyncio.run(run_matrix(host, port, busid, seconds, warmup, quick))
-    except ImportRefused as exc:
+        doc = asyncio.run(run_matrix(host, port, busid, seconds, warmup, quick, tls=tls))
+    except (ImportRefused, TlsFailed) as exc:
         log.error("%s: %s", host, exc)
         return exitcodes.REFUSED
     except Timeout as exc:  # the client's own TimeoutError (it is a UsbipError too)
@@ -344,7 +354,12 @@ def bench_command(host: str, port: int, busid: str, seconds: float | None, quick
 async def _one(args: argparse.Namespace) -> CaseResult:
     from .client import connect
 
-    async with connect(args.host, args.port) as conn:
+    tls = None
+    if args.tls_ca:
+        from .tls import client_context
+
+        tls = client_context(args.tls_ca, args.tls_cert, check_hostname=False)
+    async with connect(args.host, args.port, tls=tls) as conn:
         dev = await conn.import_device(args.busid, read_descriptors=False)
         if args.set_alt:
             iface, _, alt = args.set_alt.partition(":")
@@ -368,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iso-packets", type=int, default=8)
     p.add_argument("--warmup", type=float, default=0.5)
     p.add_argument("--set-alt", metavar="IFACE:ALT")
+    p.add_argument("--tls-ca", metavar="PEM", help="TLS, trusting this CA (the server name is not checked)")
+    p.add_argument("--tls-cert", metavar="PEM", help="TLS client certificate and key")
     args = p.parse_args(argv)
     try:
         res = asyncio.run(_one(args))

@@ -50,12 +50,25 @@ def client_context(
     return ctx
 
 
+#: TLS alerts a peer sends about our certificate (OpenSSL reason names), in words
+_ALERTS = {
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED": "the peer requires a client certificate (--tls-cert)",
+    "SSLV3_ALERT_BAD_CERTIFICATE": "the peer rejected our certificate",
+    "TLSV1_ALERT_UNKNOWN_CA": "the peer does not trust the CA of our certificate",
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED": "the peer says our certificate has expired",
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": "the peer rejected our certificate",
+    "TLSV1_ALERT_PROTOCOL_VERSION": "the peer does not speak TLS 1.3",
+}
+
+
 def describe_error(exc: BaseException) -> str:
-    """One readable line for a TLS failure (the reason OpenSSL gives, without the noise)."""
+    """One readable line for a TLS failure (the reason OpenSSL gives, in words where we know it)."""
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"certificate verify failed: {exc.verify_message}"
     if isinstance(exc, ssl.SSLError):
-        return exc.reason or str(exc)
+        reason = exc.reason or str(exc)
+        words = _ALERTS.get(reason)
+        return f"{words} ({reason})" if words else reason
     return str(exc) or type(exc).__name__
 
 
@@ -154,7 +167,8 @@ class TlsChannel:
                 except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                     raise PeerClosed(f"connection closed after {len(buf)} of {n} bytes") from None
                 except ssl.SSLError as exc:
-                    raise TlsError(f"TLS stream broken: {describe_error(exc)}") from exc
+                    # with TLS 1.3 a refused client certificate shows here, after the handshake
+                    raise TlsError(f"TLS failed: {describe_error(exc)}") from exc
                 if not chunk:
                     raise PeerClosed(f"connection closed after {len(buf)} of {n} bytes")
                 buf.extend(chunk)

@@ -217,3 +217,69 @@ def test_tls_client_certificates(pki: dict[str, str], caplog: pytest.LogCaptureF
 def test_server_context_needs_a_key(tmp_path: Path) -> None:
     with pytest.raises((ssl.SSLError, OSError)):
         server_context(str(tmp_path / "missing.pem"))
+
+
+# ---------------------------------------------------------------- our client and usbip over TLS
+
+
+def test_client_library_over_tls(pki: dict[str, str]) -> None:
+    from usbip.client import TlsFailed, connect
+    from usbip.tls import client_context
+
+    async def body() -> None:
+        ctx = server_context(pki["server"], client_ca=pki["ca"])
+        async with Server(devices(), host="127.0.0.1", port=0, tls=ctx) as srv:
+            alice = client_context(pki["ca"], pki["alice"])
+            async with connect("127.0.0.1", srv.port, tls=alice, server_hostname="localhost") as conn:
+                assert [d.busid for d in await conn.list_devices()] == ["100-1", "100-2"]
+                dev = await conn.import_device("100-1")
+                data = bytes(range(256)) * 64
+                await dev.bulk_transfer(0x02, data)
+                got = await dev.bulk_transfer(0x82, len(data))
+                assert bytes(got) == data
+                results = await asyncio.gather(*(dev.bulk_transfer(0x81, 16384) for _ in range(64)))
+                assert all(bytes(r) == bytes(16384) for r in results)
+                await dev.close()
+            for bad in (client_context(pki["ca"]), client_context(pki["ca"], pki["mallory"])):
+                with pytest.raises(TlsFailed):
+                    async with connect("127.0.0.1", srv.port, tls=bad, server_hostname="localhost") as conn:
+                        await conn.list_devices()
+            other_ca = client_context(pki["alice"], pki["alice"])  # trusts only alice's chain, not the server
+            with pytest.raises(TlsFailed, match="certificate verify failed"):
+                async with connect("127.0.0.1", srv.port, tls=other_ca, server_hostname="localhost") as conn:
+                    await conn.list_devices()
+            assert await wait_until(lambda: idle(srv))
+
+    run(body)
+
+
+def test_usbip_list_over_tls_exit_codes(pki: dict[str, str]) -> None:
+    import subprocess
+    import sys
+
+    async def body() -> None:
+        ctx = server_context(pki["server"], client_ca=pki["ca"])
+        async with Server(devices(), host="127.0.0.1", port=0, tls=ctx) as srv:
+            base = [sys.executable, "-m", "usbip.cli.usbip_main", "--tcp-port", str(srv.port)]
+            loop = asyncio.get_running_loop()
+
+            def usbip(*args: str) -> subprocess.CompletedProcess[str]:
+                return subprocess.run([*base, *args], capture_output=True, text=True, timeout=30)
+
+            ok = await loop.run_in_executor(
+                None,
+                lambda: usbip(
+                    "--tls-ca", pki["ca"], "--tls-cert", pki["alice"], "--tls-server-name", "localhost",
+                    "--json", "list", "-r", "127.0.0.1",
+                ),
+            )  # fmt: skip
+            assert ok.returncode == 0, ok.stderr
+            assert '"busid": "100-1"' in ok.stdout
+            nocert = await loop.run_in_executor(
+                None, lambda: usbip("--tls-ca", pki["ca"], "--tls-server-name", "localhost", "list", "-r", "127.0.0.1")
+            )
+            assert nocert.returncode == 4 and "requires a client certificate" in nocert.stderr, nocert.stderr
+            missing = await loop.run_in_executor(None, lambda: usbip("--tls-ca", "/nonexistent.pem", "list", "-r", "x"))
+            assert missing.returncode == 2 and "cannot load the TLS" in missing.stderr
+
+    run(body)

@@ -121,3 +121,45 @@ def test_relay_closes_vhci_when_the_server_goes(certs: dict[str, str], tmp_path:
             relay.stop(pid)
 
     run(body)
+
+
+def test_vhci_attach_over_tls_with_a_fake_vhci(certs: dict[str, str], tmp_path: Path) -> None:
+    """usbip attach's TLS path against a fake vhci sysfs tree whose 'kernel' is this test."""
+    from usbip.tls import client_context
+    from usbip.vhci.commands import attach
+    from usbip.vhci.driver import VhciDriver
+
+    d = tmp_path / "platform" / "vhci_hcd.0"
+    d.mkdir(parents=True)
+    (d / "status").write_text("hub port sta spd dev      sockfd local_busid\nhs  0000 004 000 00000000 000000 0-0\n")
+    (d / "nports").write_text("1\n")
+    (d / "attach").write_text("")
+    taken: list[socket.socket] = []
+
+    class FakeVhci(VhciDriver):
+        def attach(self, port: int, sockfd: int, devid: int, speed: int) -> None:
+            sock = socket.socket(fileno=os.dup(sockfd))
+            assert sock.family == socket.AF_UNIX and sock.type == socket.SOCK_STREAM  # vhci_sysfs.c asks this
+            assert devid == DEVID
+            taken.append(sock)
+
+    async def body() -> None:
+        async with Server([LoopbackDevice()], host="127.0.0.1", port=0, tls=server_context(certs["server"])) as srv:
+            drv = FakeVhci(str(tmp_path / "platform"), str(tmp_path / "run"))
+            port = await attach("127.0.0.1", srv.port, "100-1", driver=drv, tls=client_context(certs["ca"]),
+                                server_hostname="localhost")  # fmt: skip
+            pid = drv.read_relay(port)
+            assert port == 0 and pid is not None and alive(pid)
+            assert drv.read_record(port) is not None
+            (vhci,) = taken
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, urb_roundtrip, vhci, 16)
+                vhci.shutdown(socket.SHUT_RDWR)
+                assert await wait_until(lambda: not alive(pid), 5.0)
+                assert await wait_until(lambda: idle(srv), 5.0)
+            finally:
+                vhci.close()
+                relay.stop(pid)
+        assert "detached" in (tmp_path / "run" / "relay.log").read_text()
+
+    run(body)

@@ -6,11 +6,13 @@ import argparse
 import asyncio
 import json
 import logging
+import ssl
 import sys
 from typing import Any
 
 from .. import __version__
 from ..protocol.constants import USBIP_PORT
+from ..tls import client_context
 from . import exitcodes
 from .logs import setup_logging
 
@@ -27,6 +29,27 @@ def _add_enumerate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enumerate", choices=MODES, default=None, metavar="{" + ",".join(MODES) + "}", help=ENUMERATE_HELP)
 
 
+def add_tls_options(p: argparse.ArgumentParser) -> None:
+    t = p.add_argument_group("TLS (a usbipd started with --tls-cert; see README: Securing usbipd)")
+    t.add_argument("--tls", action="store_true", help="connect with TLS, trusting the system's CAs")
+    t.add_argument("--tls-ca", metavar="PEM", help="connect with TLS, trusting this CA (implies --tls)")
+    t.add_argument("--tls-cert", metavar="PEM", help="client certificate (chain) to present (implies --tls)")
+    t.add_argument("--tls-key", metavar="PEM", help="its private key (default: in the same file)")
+    t.add_argument("--tls-server-name", metavar="NAME", help="name the server certificate must carry (default: HOST)")
+
+
+def tls_from_args(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """The client TLS context the options ask for; ValueError when a file cannot be used."""
+    if not (args.tls or args.tls_ca or args.tls_cert or args.tls_key):
+        return None
+    if args.tls_key and not args.tls_cert:
+        raise ValueError("--tls-key needs --tls-cert")
+    try:
+        return client_context(args.tls_ca, args.tls_cert, args.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"cannot load the TLS CA, certificate or key: {exc}") from exc
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="usbip", description="USB/IP client and device binding tool (cyusbip).")
     p.add_argument("-d", "--debug", action="store_true", help="print debugging information")
@@ -34,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-t", "--tcp-port", type=int, default=USBIP_PORT, metavar="PORT", help="TCP port (default 3240)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--version", action="version", version=f"usbip (cyusbip) {__version__}")
+    add_tls_options(p)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     ls = sub.add_parser("list", help="list exportable (-r) or local (-l) USB devices")
@@ -113,21 +137,26 @@ def record_json(r: Any) -> dict[str, Any]:
     return d
 
 
-async def _list_remote(host: str, port: int) -> list[Any]:
+async def _list_remote(
+    host: str, port: int, tls: ssl.SSLContext | None = None, server_hostname: str | None = None
+) -> list[Any]:
     from ..client import connect
 
-    async with connect(host, port) as conn:
+    async with connect(host, port, tls=tls, server_hostname=server_hostname) as conn:
         return await conn.list_devices()
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from ..client import Disconnected, UsbipError
+    from ..client import Disconnected, TlsFailed, UsbipError
     from ..client.errors import Timeout
     from ..protocol import ProtocolError
 
     if args.remote:
         try:
-            records = asyncio.run(_list_remote(args.remote, args.tcp_port))
+            records = asyncio.run(_list_remote(args.remote, args.tcp_port, args.tls_context, args.tls_server_name))
+        except TlsFailed as exc:
+            log.error("%s", exc)
+            return exitcodes.REFUSED
         except ProtocolError as exc:
             log.error("%s: %s", args.remote, exc)
             return exitcodes.FAILURE
@@ -172,7 +201,15 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_attach(args: argparse.Namespace) -> int:
     from ..vhci.commands import attach_command
 
-    return attach_command(args.remote, args.tcp_port, args.busid, as_json=args.json, port=args.port)
+    return attach_command(
+        args.remote,
+        args.tcp_port,
+        args.busid,
+        as_json=args.json,
+        port=args.port,
+        tls=args.tls_context,
+        server_hostname=args.tls_server_name,
+    )
 
 
 def cmd_detach(args: argparse.Namespace) -> int:
@@ -204,7 +241,7 @@ def cmd_bind(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from ..bench import bench_command
 
-    return bench_command(args.remote, args.tcp_port, args.busid, args.seconds, args.quick, args.json)
+    return bench_command(args.remote, args.tcp_port, args.busid, args.seconds, args.quick, args.json, args.tls_context)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,6 +254,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "version":
         print(f"usbip (cyusbip) {__version__}")
         return exitcodes.OK
+    try:
+        args.tls_context = tls_from_args(args)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return exitcodes.USAGE
     handler = {
         "list": cmd_list,
         "attach": cmd_attach,

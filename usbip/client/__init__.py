@@ -9,6 +9,7 @@ from .errors import (
     Overloaded,
     Stall,
     Timeout,
+    TlsFailed,
     TransferError,
     UsbipError,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "RemoteDevice",
     "Stall",
     "Timeout",
+    "TlsFailed",
     "TransferError",
     "UrbResult",
     "UsbipError",

@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 from collections.abc import Iterator
 from types import TracebackType
 
-from ..netio import recv_exactly, send_all, set_keepalive, set_nodelay
+from ..netio import PlainChannel, set_keepalive, set_nodelay
 from ..protocol import ProtocolError
 from ..protocol.constants import (
     DEVICE_RECORD_SIZE,
@@ -34,7 +35,8 @@ from ..protocol.records import (
     unpack_interfaces,
     unpack_op_header,
 )
-from .errors import BadReply, Disconnected, ImportRefused, Timeout, UsbipError
+from ..tls import TlsChannel, TlsError
+from .errors import BadReply, Disconnected, ImportRefused, Timeout, TlsFailed, UsbipError
 from .remote import RemoteDevice
 
 
@@ -92,6 +94,8 @@ def _op_errors(host: str, port: int, what: str, timeout: float | None) -> Iterat
         yield
     except UsbipError:
         raise
+    except TlsError as exc:
+        raise TlsFailed(f"{host}:{port}: {exc}") from exc
     except ProtocolError as exc:
         raise BadReply(f"{what} from {host}:{port}: {exc}") from exc
     except asyncio.TimeoutError as exc:
@@ -100,14 +104,44 @@ def _op_errors(host: str, port: int, what: str, timeout: float | None) -> Iterat
         raise Disconnected(f"{what} from {host}:{port}: {exc or type(exc).__name__}") from exc
 
 
-class Connection:
-    """A USB/IP server at ``host:port``. Use ``async with usbip.connect(host) as conn``."""
+Channel = PlainChannel | TlsChannel
 
-    def __init__(self, host: str, port: int = USBIP_PORT, timeout: float = 10.0) -> None:
+
+class Connection:
+    """A USB/IP server at ``host:port``. Use ``async with usbip.connect(host) as conn``.
+
+    With ``tls`` (a client ``ssl.SSLContext``, see ``usbip.tls.client_context``) every
+    connection is TLS, checked against ``server_hostname`` (default: ``host``).
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int = USBIP_PORT,
+        timeout: float = 10.0,
+        tls: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+    ) -> None:
         self.host = host
         self.port = port
         self.timeout = timeout
+        self.tls = tls
+        self.server_hostname = server_hostname or host
         self._devices: list[RemoteDevice] = []
+
+    async def _open(self, deadline: _Deadline) -> Channel:
+        """Connect (errors stay OSErrors) and, with TLS, run the handshake."""
+        sock = await open_socket(self.host, self.port, deadline.left())
+        if self.tls is None:
+            return PlainChannel(sock)
+        channel = TlsChannel(sock, self.tls, server_side=False, server_hostname=self.server_hostname)
+        try:
+            with _op_errors(self.host, self.port, "TLS handshake", self.timeout):
+                await channel.handshake(deadline.left())
+        except BaseException:
+            sock.close()
+            raise
+        return channel
 
     async def __aenter__(self) -> Connection:
         return self
@@ -130,52 +164,61 @@ class Connection:
         MAX_INTERFACES interfaces, about 1.8 MB).
         """
         deadline = _Deadline(self.timeout)
-        sock = await open_socket(self.host, self.port, deadline.left())  # connect errors stay OSErrors
+        ch = await self._open(deadline)
         with _op_errors(self.host, self.port, "device list", self.timeout):
             try:
-                await send_all(sock, pack_op_header(OP_REQ_DEVLIST), deadline.left())
-                head = unpack_op_header(await recv_exactly(sock, OP_HEADER_SIZE, deadline.left()))
+                await ch.send_all(pack_op_header(OP_REQ_DEVLIST), deadline.left())
+                head = unpack_op_header(await ch.recv_exactly(OP_HEADER_SIZE, deadline.left()))
                 if head.code != OP_REP_DEVLIST:
                     raise BadReply(f"expected OP_REP_DEVLIST, got op code 0x{head.code:04x}")
                 if head.status != ST_OK:
                     raise UsbipError(f"server refused the device list (status {head.status})")
-                count = unpack_devlist_count(await recv_exactly(sock, 4, deadline.left()), MAX_DEVICES)
+                count = unpack_devlist_count(await ch.recv_exactly(4, deadline.left()), MAX_DEVICES)
                 devices = []
                 for _ in range(count):
-                    raw = await recv_exactly(sock, DEVICE_RECORD_SIZE, deadline.left())
+                    raw = await ch.recv_exactly(DEVICE_RECORD_SIZE, deadline.left())
                     nif = raw[DEVICE_RECORD_SIZE - 1]
                     if nif > MAX_INTERFACES:
                         raise BadReply(f"device record claims {nif} interfaces (limit {MAX_INTERFACES})")
-                    data = await recv_exactly(sock, nif * INTERFACE_RECORD_SIZE, deadline.left()) if nif else b""
+                    data = await ch.recv_exactly(nif * INTERFACE_RECORD_SIZE, deadline.left()) if nif else b""
                     devices.append(DeviceRecord.unpack(raw, unpack_interfaces(data, nif)))
                 return devices
             finally:
-                sock.close()
+                ch.sock.close()
 
     async def import_socket(self, busid: str) -> tuple[socket.socket, DeviceRecord]:
-        """OP_REQ_IMPORT: the connected socket, ready for the URB phase, and the device record.
+        """OP_REQ_IMPORT over plain TCP: the socket, ready for the URB phase (or for vhci-hcd)."""
+        if self.tls is not None:
+            raise ValueError("a TLS import has no plain socket: use import_channel")
+        ch, record = await self.import_channel(busid)
+        return ch.sock, record
+
+    async def import_channel(self, busid: str) -> tuple[Channel, DeviceRecord]:
+        """OP_REQ_IMPORT: the channel (its socket, and the TLS session if any) ready for the
+        URB phase, and the device record.
 
         The reply must name the device asked for, with a devid (busnum << 16 | devnum) that
         fits the 32-bit field of every URB header; the exchange gets ``timeout`` seconds.
         """
         deadline = _Deadline(self.timeout)
-        sock = await open_socket(self.host, self.port, deadline.left())  # connect errors stay OSErrors
+        ch = await self._open(deadline)
+        sock = ch.sock
         with _op_errors(self.host, self.port, f"import of {busid}", self.timeout):
             try:
-                await send_all(sock, pack_import_request(busid), deadline.left())
-                head = unpack_op_header(await recv_exactly(sock, OP_HEADER_SIZE, deadline.left()))
+                await ch.send_all(pack_import_request(busid), deadline.left())
+                head = unpack_op_header(await ch.recv_exactly(OP_HEADER_SIZE, deadline.left()))
                 if head.code != OP_REP_IMPORT:
                     raise BadReply(f"expected OP_REP_IMPORT, got op code 0x{head.code:04x}")
                 if head.status != ST_OK:
                     raise ImportRefused(busid, head.status)
-                record = DeviceRecord.unpack(await recv_exactly(sock, DEVICE_RECORD_SIZE, deadline.left()))
+                record = DeviceRecord.unpack(await ch.recv_exactly(DEVICE_RECORD_SIZE, deadline.left()))
                 if record.busid != busid:
                     raise BadReply(f"asked for {busid}, server sent {record.busid!r}")
                 if record.busnum > 0xFFFF or record.devnum > 0xFFFF:
                     raise BadReply(
                         f"device {busid}: busnum {record.busnum} / devnum {record.devnum} do not make a 32-bit devid"
                     )
-                return sock, record
+                return ch, record
             except BaseException:
                 sock.close()
                 raise
@@ -187,8 +230,8 @@ class Connection:
         USB driver sets configuration 0); with ``configure`` an unconfigured device
         gets SET_CONFIGURATION with its first configuration, as a host would do.
         """
-        sock, record = await self.import_socket(busid)
-        dev = RemoteDevice(sock, record)
+        ch, record = await self.import_channel(busid)
+        dev = RemoteDevice(ch.sock, record, tls=ch if isinstance(ch, TlsChannel) else None)
         # a long-lived Connection keeps only the devices still open (each holds its receive buffer)
         self._devices = [d for d in self._devices if not d.closed]
         self._devices.append(dev)
@@ -203,6 +246,12 @@ class Connection:
         return dev
 
 
-def connect(host: str, port: int = USBIP_PORT, timeout: float = 10.0) -> Connection:
-    """``async with usbip.connect(host, port) as conn: ...``"""
-    return Connection(host, port, timeout)
+def connect(
+    host: str,
+    port: int = USBIP_PORT,
+    timeout: float = 10.0,
+    tls: ssl.SSLContext | None = None,
+    server_hostname: str | None = None,
+) -> Connection:
+    """``async with usbip.connect(host, port) as conn: ...`` (``tls``: see :class:`Connection`)."""
+    return Connection(host, port, timeout, tls, server_hostname)

@@ -106,6 +106,10 @@ class Disconnected(UsbipError, ConnectionError):
     """The connection to the server ended (while URBs were in flight, or during a request)."""
 
 
+class TlsFailed(Disconnected):
+    """The TLS handshake failed: the server's certificate is not trusted, or it refused ours."""
+
+
 def transfer_error(
     status: int, actual_length: int = 0, data: bytes | bytearray | memoryview | None = None
 ) -> TransferError:

@@ -22,7 +22,7 @@ from ..protocol import (
     pack_cmd_unlink,
 )
 from ..protocol.constants import DEFAULT_MAX_TRANSFER, ECONNRESET, URB_ISO_ASAP, USBIP_RET_UNLINK
-from ..stream import Stream
+from ..stream import Stream, TlsSession
 from .errors import BadReply, Disconnected, Overloaded, Timeout, transfer_error
 
 log = logging.getLogger(__name__)
@@ -123,6 +123,7 @@ class RemoteDevice:
         loop: asyncio.AbstractEventLoop | None = None,
         max_in_flight: int = MAX_IN_FLIGHT,
         max_queued: int = MAX_QUEUED,
+        tls: TlsSession | None = None,
     ) -> None:
         self.loop = loop or asyncio.get_running_loop()
         self.record = record
@@ -136,7 +137,7 @@ class RemoteDevice:
         self._unlinks: dict[int, int] = {}  # seqnum of a CMD_UNLINK -> seqnum of the URB it targets
         self._unknown_unlink_replies = 0
         self._decoder = Decoder("client", max_transfer=max_transfer)
-        self._stream = Stream(sock, self._decoder, self._on_messages, self._on_close, self.loop)
+        self._stream = Stream(sock, self._decoder, self._on_messages, self._on_close, self.loop, tls=tls)
         self._stream.start()
         self.closed = False
         self.close_reason: BaseException | None = None

@@ -7,10 +7,14 @@ import errno
 import json
 import logging
 import os
+import ssl
+import time
 
 from ..cli import exitcodes
-from ..client import Connection, ImportRefused
+from ..client import Connection, ImportRefused, TlsFailed
 from ..protocol import ProtocolError
+from ..tls import TlsChannel
+from . import relay
 from .driver import SPEED_TEXT, STATUS_TEXT, VhciDriver, VhciError, VhciPort
 
 log = logging.getLogger("usbip")
@@ -18,15 +22,31 @@ SYSFS_USB = "/sys/bus/usb/devices"
 ATTACH_RETRIES = 8  # another process may take the free port between our read and our write (EBUSY)
 
 
+RELAY_EXIT_WAIT = 3.0  # seconds a relay gets to notice the detach by itself
+
+
 async def attach(
-    host: str, tcp_port: int, busid: str, driver: VhciDriver | None = None, port: int | None = None
+    host: str,
+    tcp_port: int,
+    busid: str,
+    driver: VhciDriver | None = None,
+    port: int | None = None,
+    tls: ssl.SSLContext | None = None,
+    server_hostname: str | None = None,
 ) -> int:
     """Import ``busid`` from ``host`` and hand the connection to vhci-hcd; return the vhci port.
-    ``port``: that vhci port (it must be free), else the first free one for the device's speed."""
+    ``port``: that vhci port (it must be free), else the first free one for the device's speed.
+    With ``tls`` vhci-hcd gets a local socket and a relay process carries it through TLS."""
     drv = driver or VhciDriver()
     if port is not None:
         drv.check_port(port)  # a bad or busy port fails before the import; its hub is checked below
-    sock, record = await Connection(host, tcp_port).import_socket(busid)
+    relay_pid: int | None = None
+    channel, record = await Connection(host, tcp_port, tls=tls, server_hostname=server_hostname).import_channel(busid)
+    if isinstance(channel, TlsChannel):
+        sock, relay_pid = relay.start(channel, _relay_log(drv))
+    else:
+        sock = channel.sock
+    attached = False
     try:
         sock.setblocking(True)  # the kernel takes the socket as the tool's blocking one
         tries = 1 if port is not None else ATTACH_RETRIES
@@ -42,10 +62,39 @@ async def attach(
             break
         else:
             raise VhciError(errno.EBUSY, "vhci ports kept being taken; giving up")
+        attached = True
         drv.write_record(port, host, tcp_port, busid)
+        if relay_pid is not None:
+            drv.write_relay(port, relay_pid)
         return port
     finally:
         sock.close()  # vhci-hcd holds its own reference now
+        if relay_pid is not None and not attached:
+            relay.stop(relay_pid)
+
+
+def _relay_log(drv: VhciDriver) -> str | None:
+    """Where relays log (beside the port records), or None when that directory is not writable."""
+    try:
+        os.makedirs(drv.record_dir, mode=0o700, exist_ok=True)
+    except OSError:
+        return None
+    return os.path.join(drv.record_dir, "relay.log")
+
+
+def _end_relay(pid: int) -> None:
+    """After a detach: the relay sees vhci's end close and exits; stop it if it has not."""
+    end = time.monotonic() + RELAY_EXIT_WAIT
+    while time.monotonic() < end:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        except PermissionError:
+            return
+        time.sleep(0.05)
+    log.warning("TLS relay %d did not end with the detach; stopping it", pid)
+    relay.stop(pid)
 
 
 def _local_ids(busid: str) -> tuple[int, int]:
@@ -80,6 +129,7 @@ def imported_ports(driver: VhciDriver) -> list[dict[str, object]]:
                 "idVendor": f"{vid:04x}",
                 "idProduct": f"{pid:04x}",
                 "remote": None if rec is None else {"host": rec.host, "port": rec.port, "busid": rec.busid},
+                "tls_relay": driver.read_relay(p.port),
             }
         )
     return out
@@ -98,17 +148,26 @@ def format_ports(ports: list[dict[str, object]]) -> str:
         remote = d["remote"]
         busid = str(d["local_busid"])
         if isinstance(remote, dict):
-            lines.append(f"{busid:>10} -> usbip://{remote['host']}:{remote['port']}/{remote['busid']}")
+            tls = f" (TLS, relay pid {d['tls_relay']})" if d.get("tls_relay") else ""
+            lines.append(f"{busid:>10} -> usbip://{remote['host']}:{remote['port']}/{remote['busid']}{tls}")
         else:
             lines.append(f"{busid:>10} -> unknown host, remote port and remote busid")
         lines.append(f"{'':>10} -> remote bus/dev {int(d['busnum']):03d}/{int(d['devnum']):03d}")  # type: ignore[call-overload]
     return "\n".join(lines)
 
 
-def attach_command(host: str, tcp_port: int, busid: str, as_json: bool = False, port: int | None = None) -> int:
+def attach_command(
+    host: str,
+    tcp_port: int,
+    busid: str,
+    as_json: bool = False,
+    port: int | None = None,
+    tls: ssl.SSLContext | None = None,
+    server_hostname: str | None = None,
+) -> int:
     try:
-        port = asyncio.run(attach(host, tcp_port, busid, port=port))
-    except ImportRefused as exc:
+        port = asyncio.run(attach(host, tcp_port, busid, port=port, tls=tls, server_hostname=server_hostname))
+    except (ImportRefused, TlsFailed) as exc:
         log.error("%s", exc)
         return exitcodes.REFUSED
     except VhciError as exc:
@@ -135,12 +194,17 @@ def detach_command(port: int, as_json: bool = False) -> int:
             log.error("invalid port %d (vhci-hcd has ports 0..%d)", port, max(known, default=-1))
             return exitcodes.USAGE
         p: VhciPort = known[port]
+        relay_pid = drv.read_relay(port)
         if not p.in_use:
             log.info("Port %d is already detached!", port)
             drv.remove_record(port)
+            if relay_pid is not None:
+                relay.stop(relay_pid)
             return exitcodes.OK
         drv.remove_record(port)
         drv.detach(port)
+        if relay_pid is not None:
+            _end_relay(relay_pid)
     except VhciError as exc:
         log.error("%s", exc.strerror or exc)
         return exitcodes.NO_DRIVER

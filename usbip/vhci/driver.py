@@ -179,7 +179,24 @@ class VhciDriver:
         return ImportRecord(*parts)
 
     def remove_record(self, port: int) -> None:
+        for path in (self.record_path(port), self.relay_path(port)):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+    # a TLS import's relay process (usbip.vhci.relay): "<pid>" in port<N>.relay beside the record
+    def relay_path(self, port: int) -> str:
+        return os.path.join(self.record_dir, f"port{port}.relay")
+
+    def write_relay(self, port: int, pid: int) -> None:
+        os.makedirs(self.record_dir, mode=0o700, exist_ok=True)
+        with open(self.relay_path(port), "w") as f:
+            f.write(f"{pid}\n")
+
+    def read_relay(self, port: int) -> int | None:
         try:
-            os.unlink(self.record_path(port))
-        except FileNotFoundError:
-            pass
+            with open(self.relay_path(port)) as f:
+                return int(f.read().strip())
+        except (OSError, ValueError):
+            return None
