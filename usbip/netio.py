@@ -50,6 +50,9 @@ MAX_KEEPINTVL = 32767
 MAX_KEEPCNT = 127
 #: TCP_USER_TIMEOUT is an int of milliseconds.
 MAX_USER_TIMEOUT_MS = 2**31 - 1
+#: Seconds after which a silent peer is dropped by default, on both ends (a vanished client frees
+#: its device on the server; a vanished server detaches the vhci port or fails the client's URBs).
+DEAD_PEER_TIMEOUT = 45.0
 #: Keepalive probes sent before a silent peer is declared dead (see :func:`keepalive_params`).
 KEEPALIVE_COUNT = 3
 

@@ -14,7 +14,7 @@ import ssl
 from collections.abc import Iterator
 from types import TracebackType
 
-from ..netio import PlainChannel, set_keepalive, set_nodelay
+from ..netio import DEAD_PEER_TIMEOUT, PlainChannel, apply_dead_peer_timeout, set_nodelay
 from ..protocol import ProtocolError
 from ..protocol.constants import (
     DEVICE_RECORD_SIZE,
@@ -58,7 +58,9 @@ async def open_socket(host: str, port: int = USBIP_PORT, timeout: float | None =
             sock.close()
             raise
         set_nodelay(sock)
-        set_keepalive(sock)
+        # keepalive and TCP_USER_TIMEOUT stay with the socket, also once vhci-hcd has it: a server
+        # that vanished without FIN/RST ends the import within DEAD_PEER_TIMEOUT, not ~2 h
+        apply_dead_peer_timeout(sock, DEAD_PEER_TIMEOUT)
         return sock
     raise last or OSError(f"cannot resolve {host}")
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import resource
 
+from ..netio import DEAD_PEER_TIMEOUT, keepalive_params
 from ..protocol.constants import DEFAULT_MAX_TRANSFER
 
 MiB = 1024 * 1024
@@ -48,7 +49,7 @@ class ServerLimits:
     write_stall_timeout: float = 60.0
     #: Seconds after which a silent peer is declared dead: TCP keepalive probes (idle, interval,
     #: count derived from it) and TCP_USER_TIMEOUT for unacknowledged data.
-    dead_peer_timeout: float = 45.0
+    dead_peer_timeout: float = DEAD_PEER_TIMEOUT
     #: Seconds a client may take to send its op request (OP_REQ_DEVLIST / OP_REQ_IMPORT).
     op_timeout: float = 10.0
     #: Concurrent connections in all (None: derived from RLIMIT_NOFILE).
@@ -77,8 +78,6 @@ class ServerLimits:
 
     def keepalive(self) -> tuple[int, int, int]:
         """(idle, interval, count) seconds for TCP keepalive so a dead peer is found in dead_peer_timeout."""
-        from ..netio import keepalive_params  # the formula lives once, next to the socket options
-
         return keepalive_params(self.dead_peer_timeout)
 
 
