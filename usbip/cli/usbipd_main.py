@@ -21,7 +21,7 @@ from ..protocol.constants import USBIP_PORT
 from ..server.access import AccessPolicy
 from ..server.limits import MiB, ServerLimits
 from ..tls import server_context
-from . import exitcodes
+from . import config, exitcodes, sdnotify
 from .logs import setup_logging
 
 log = logging.getLogger("usbipd")
@@ -49,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default=None, help="listen address (default: all addresses)")
     p.add_argument("-d", "--debug", action="store_true", help="print debugging information")
     p.add_argument("-v", "--version", action="version", version=f"usbipd (cyusbip) {__version__}")
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="read options from a TOML file: every long option without its dashes (the command line wins)",
+    )
     p.add_argument(
         "--virtual",
         action="append",
@@ -257,12 +262,14 @@ async def _run(args: argparse.Namespace) -> int:
     for dev in server.registry.devices():
         extra = getattr(dev, "describe", lambda: "")()
         log.info("exporting %s: %s%s", dev.busid, type(dev).__name__, f" ({extra})" if extra else "")
+    sdnotify.notify(f"READY=1\nSTATUS=listening on port {server.port}\nMAINPID={os.getpid()}")
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("shutting down")
+    sdnotify.notify("STOPPING=1")
     await server.close()
     if backend is not None:
         await backend.close()
@@ -270,7 +277,7 @@ async def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = config.parse_args(build_parser(), argv)
     setup_logging(args.debug, "usbipd")
     # `kill -USR1 <pid>`: every thread's Python stack on stderr (a stuck libusb call, a hang)
     faulthandler.register(signal.SIGUSR1, all_threads=True)
