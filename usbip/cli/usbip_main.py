@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
         )
         _add_enumerate(bp)
 
+    st = sub.add_parser("status", help="what a running usbipd is doing (its --metrics address)")
+    st.add_argument("address", metavar="HOST:PORT", help="the address usbipd --metrics serves")
     be = sub.add_parser("bench", help="benchmark a remote device with this client (control latency, bulk IN/OUT)")
     be.add_argument("-r", "--remote", metavar="HOST", required=True)
     be.add_argument("-b", "--busid", required=True)
@@ -238,6 +240,38 @@ def cmd_bind(args: argparse.Namespace) -> int:
     )
 
 
+def format_status(doc: dict[str, Any]) -> str:
+    srv = doc["server"]
+    lines = [
+        f"usbipd on port {srv['port']}: {srv['connections']} connections open, {srv['sessions']} imports, "
+        f"{srv['connections_total']} accepted, {srv['connections_refused']} refused, "
+        f"{srv['protocol_errors']} protocol errors",
+        "",
+        f"{'busid':<10} {'device':<16} {'imported by':<28} {'URBs':>10} {'errors':>7} {'in flight':>9}",
+    ]
+    for d in doc["devices"]:
+        lines.append(
+            f"{d['busid']:<10} {d['type']:<16} {d['imported_by'] or '-':<28} {d['urbs']:>10} "
+            f"{sum(d['errors'].values()):>7} {d['in_flight']:>9}"
+        )
+    return "\n".join(lines)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import urllib.error
+    import urllib.request
+
+    url = f"http://{args.address}/status"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            doc = json.loads(resp.read(16 * 1024 * 1024))
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        log.error("cannot read %s: %s", url, getattr(exc, "reason", exc))
+        return exitcodes.UNREACHABLE
+    print(json.dumps(doc, indent=2) if args.json else format_status(doc))
+    return exitcodes.OK
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from ..bench import bench_command
 
@@ -267,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         "bind": cmd_bind,
         "unbind": cmd_bind,
         "bench": cmd_bench,
+        "status": cmd_status,
     }[args.command]
     try:
         return handler(args)

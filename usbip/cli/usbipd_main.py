@@ -110,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PEM",
         help="require client certificates signed by this CA (mutual TLS authenticates the client)",
     )
+    p.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics (/metrics) and a JSON status (/status) over HTTP there "
+        "(needs prometheus-client: pip install 'cyusbip[metrics]')",
+    )
     lim = p.add_argument_group("limits (what one client may cost; see usbip/server/limits.py)")
     d = ServerLimits()
     lim.add_argument(
@@ -191,6 +197,25 @@ def _daemonize() -> None:
         os.dup2(devnull, fd)
 
 
+def _host_port(spec: str) -> tuple[str, int]:
+    host, sep, port = spec.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"--metrics {spec}: expected HOST:PORT (e.g. 127.0.0.1:9240)")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+async def _start_metrics(server: object, host: str, port: int) -> object:
+    from ..server.metrics import MetricsEndpoint
+
+    try:
+        import prometheus_client  # noqa: F401
+    except ImportError:
+        raise ImportError("prometheus-client is not installed (pip install 'cyusbip[metrics]')") from None
+    endpoint = MetricsEndpoint(server, host, port)  # type: ignore[arg-type]
+    await endpoint.start()
+    return endpoint
+
+
 def _loopback_only(host: str | None) -> bool:
     if host is None:
         return False
@@ -208,6 +233,7 @@ async def _run(args: argparse.Namespace) -> int:
     try:
         limits = limits_from_args(args)
         access = AccessPolicy.from_specs(args.allow, args.allow_device)
+        metrics_addr = _host_port(args.metrics) if args.metrics else None
         if (args.tls_key or args.tls_client_ca) and not args.tls_cert:
             raise ValueError("--tls-key and --tls-client-ca need --tls-cert")
         tls = None
@@ -243,6 +269,14 @@ async def _run(args: argparse.Namespace) -> int:
     except OSError as exc:
         log.error("cannot listen on port %d: %s", args.tcp_port, exc)
         return exitcodes.FAILURE
+    metrics = None
+    if metrics_addr is not None:
+        try:
+            metrics = await _start_metrics(server, *metrics_addr)
+        except (ImportError, ValueError, OSError) as exc:
+            log.error("--metrics %s: %s", args.metrics, exc)
+            await server.close()
+            return exitcodes.USAGE if isinstance(exc, (ImportError, ValueError)) else exitcodes.FAILURE
     backend = None
     if not args.no_libusb:
         from ..backends.libusb.backend import LibusbBackend
@@ -270,6 +304,8 @@ async def _run(args: argparse.Namespace) -> int:
     await stop.wait()
     log.info("shutting down")
     sdnotify.notify("STOPPING=1")
+    if metrics is not None:
+        await metrics.close()
     await server.close()
     if backend is not None:
         await backend.close()

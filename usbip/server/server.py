@@ -32,6 +32,7 @@ from ..stream import Stream
 from ..tls import TlsChannel, TlsError
 from .access import AccessPolicy, Client
 from .limits import ServerLimits
+from .metrics import DeviceTotals, Import
 from .registry import Registry
 from .session import UrbSession
 
@@ -109,6 +110,8 @@ class Server:
         self._accept_tasks: list[asyncio.Task[None]] = []
         self._conn_tasks: set[asyncio.Task[None]] = set()
         self.sessions: set[UrbSession] = set()
+        self.imports: dict[UrbSession, Import] = {}  # the live ones (usbip.server.metrics)
+        self.device_totals: dict[str, DeviceTotals] = {}  # counters of the imports that ended
         self._closed = asyncio.Event()
         self.connections_total = 0
         self.connections_refused = 0
@@ -317,14 +320,16 @@ class Server:
             try:
                 await channel.send_all(pack_import_reply(ST_OK, record), op_timeout)
                 log.info("%s: imported %s%s", peer, busid, f" ({client})" if client.names else "")
-                await self._urb_phase(channel, peer, device)
+                await self._urb_phase(channel, peer, device, client)
             finally:
                 await device.close()
         finally:
             self.registry.release(busid, owner)
             log.info("%s: released %s", peer, busid)
 
-    async def _urb_phase(self, channel: PlainChannel | TlsChannel, peer: str, device: Device) -> None:
+    async def _urb_phase(
+        self, channel: PlainChannel | TlsChannel, peer: str, device: Device, client: Client | None = None
+    ) -> None:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[BaseException | None] = loop.create_future()
 
@@ -375,6 +380,9 @@ class Server:
             readmit=stream.readmit,
         )
         self.sessions.add(session)
+        imp = self.imports[session] = Import(
+            peer, str(client or peer), device.busid, session, stream, isinstance(channel, TlsChannel)
+        )
         stream.start()
         # Device.gone (set by devices that can disappear): end the session as if the peer had closed
         gone = device.gone
@@ -399,6 +407,8 @@ class Server:
             stream.close()
             await session.shutdown()
             self.sessions.discard(session)
+            del self.imports[session]
+            self.device_totals.setdefault(device.busid, DeviceTotals()).add(imp)
 
 
 async def serve(devices: Iterable[Device], host: str | None = None, port: int = USBIP_PORT, **options: Any) -> None:

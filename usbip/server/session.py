@@ -142,6 +142,8 @@ class UrbSession:
         self._ep_cache: dict[int, tuple[int | None, int]] = {}
         self.submitted = 0
         self.completed = 0
+        self.unlinks = 0  # CMD_UNLINKs received
+        self.errors: dict[int, int] = {}  # URBs completed with a non-zero status, by status
         self.max_seqnum = 0  # highest CMD_SUBMIT seqnum seen
         self._early_unlinks: dict[int, int] = {}  # target seqnum -> seqnum of its early CMD_UNLINK
 
@@ -293,6 +295,7 @@ class UrbSession:
             urb.complete(EINVAL, 0)
 
     def _unlink(self, msg: Any) -> None:
+        self.unlinks += 1
         target = msg.unlink_seqnum
         urb = self.pending.get(target)
         if urb is None and target in self.backlog:
@@ -350,6 +353,8 @@ class UrbSession:
         pending = self.pending
         del pending[urb.seqnum]
         self.completed += 1
+        if urb.status:
+            self.errors[urb.status] = self.errors.get(urb.status, 0) + 1
         is_in = urb.direction == USBIP_DIR_IN
         if not self.closing:
             if urb.unlink_seqnum >= 0:
