@@ -261,7 +261,7 @@ def test_vanished_client_frees_device(netns: Namespaces, mode: str, how: str) ->
         netns.a,
         "usbipd",
         *("-m", "usbip.cli.usbipd_main", "--no-libusb", "--virtual", "keyboard", "--virtual", "loopback"),
-        *("--host", SERVER_IP, "--tcp-port", str(PORT), "--dead-peer-timeout", str(TIMEOUT)),
+        *("--host", SERVER_IP, "--tcp-port", str(PORT), "--dead-peer-timeout", str(TIMEOUT), "--no-announce"),
         merge=True,
     )
 

@@ -64,8 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = ls.add_mutually_exclusive_group(required=True)
     g.add_argument("-r", "--remote", metavar="HOST", help="list the devices exported by HOST")
     g.add_argument("-l", "--local", action="store_true", help="list the local USB devices")
+    g.add_argument("--discover", action="store_true", help="list the servers announced on the LAN (mDNS)")
     g.add_argument("-d", "--device", action="store_true", help="list the local usbip-vudc devices (not supported)")
     ls.add_argument("-p", "--parsable", action="store_true", help="parsable list format")
+    ls.add_argument("--seconds", type=float, default=3.0, metavar="S", help="how long --discover listens (default 3)")
     _add_enumerate(ls)
 
     at = sub.add_parser("attach", help="import a remote device through vhci-hcd")
@@ -148,11 +150,41 @@ async def _list_remote(
         return await conn.list_devices()
 
 
+def _list_discovered(args: argparse.Namespace) -> int:
+    try:
+        from ..mdns import discover
+    except ImportError as exc:  # pragma: no cover - zeroconf is a dependency
+        log.error("discovery needs python-zeroconf: %s", exc)
+        return exitcodes.FAILURE
+    if not 0 < args.seconds <= 60:
+        log.error("--seconds must be within 0..60")
+        return exitcodes.USAGE
+    try:
+        found = asyncio.run(discover(args.seconds))
+    except OSError as exc:
+        log.error("cannot browse mDNS: %s", exc)
+        return exitcodes.UNREACHABLE
+    if args.json:
+        print(json.dumps({"servers": [f.as_json() for f in found]}, indent=2))
+        return exitcodes.OK
+    if not found:
+        log.info("no USB/IP servers announced themselves within %g s", args.seconds)
+        return exitcodes.OK
+    for f in found:
+        where = ", ".join(f.addresses) or f.host
+        print(f"{f.name}: {where} port {f.port}{' (TLS)' if f.tls else ''}")
+        for busid, usbid in f.devices:
+            print(f"    {busid:>10}: {usbid}")
+    return exitcodes.OK
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from ..client import Disconnected, TlsFailed, UsbipError
     from ..client.errors import Timeout
     from ..protocol import ProtocolError
 
+    if args.discover:
+        return _list_discovered(args)
     if args.remote:
         try:
             records = asyncio.run(_list_remote(args.remote, args.tcp_port, args.tls_context, args.tls_server_name))

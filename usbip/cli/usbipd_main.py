@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve Prometheus metrics (/metrics) and a JSON status (/status) over HTTP there "
         "(needs prometheus-client: pip install 'cyusbip[metrics]')",
     )
+    p.add_argument(
+        "--no-announce", action="store_true", help="do not announce the server on the LAN (mDNS _usbip._tcp)"
+    )
     lim = p.add_argument_group("limits (what one client may cost; see usbip/server/limits.py)")
     d = ServerLimits()
     lim.add_argument(
@@ -296,6 +299,21 @@ async def _run(args: argparse.Namespace) -> int:
     for dev in server.registry.devices():
         extra = getattr(dev, "describe", lambda: "")()
         log.info("exporting %s: %s%s", dev.busid, type(dev).__name__, f" ({extra})" if extra else "")
+    announcer = None
+    if not args.no_announce and not _loopback_only(args.host):
+        from ..mdns import Announcer
+
+        def announced() -> list[tuple[str, int, int]]:
+            out = []
+            for dev in server.registry.devices():
+                rec = dev.record()
+                if not any(r.names_device(dev.busid, rec.idVendor, rec.idProduct) for r in access.rules):
+                    out.append((dev.busid, rec.idVendor, rec.idProduct))  # restricted devices stay unnamed
+            return out
+
+        announcer = Announcer(server.port, announced, tls=tls is not None, host=args.host)
+        if not await announcer.start():
+            announcer = None
     sdnotify.notify(f"READY=1\nSTATUS=listening on port {server.port}\nMAINPID={os.getpid()}")
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -304,6 +322,8 @@ async def _run(args: argparse.Namespace) -> int:
     await stop.wait()
     log.info("shutting down")
     sdnotify.notify("STOPPING=1")
+    if announcer is not None:
+        await announcer.close()
     if metrics is not None:
         await metrics.close()
     await server.close()
