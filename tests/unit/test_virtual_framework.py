@@ -311,3 +311,36 @@ def test_control_short_read_with_short_not_ok():
     configured(dev)
     assert control(dev, 0x82, 0x00, 0, 0, 2) == (0, b"\x00\x00")  # endpoint 0 status
     assert control(dev, 0x02, 0x01, 0, 0)[0] == 0  # CLEAR_FEATURE(HALT) on endpoint 0
+
+
+def test_every_device_kind_names_itself_with_a_unique_serial(tmp_path) -> None:
+    """iManufacturer/iProduct/iSerialNumber resolve to strings (lsusb, dmesg and PyUSB show them),
+    and two instances of one kind never share a serial number."""
+    from usbip.virtual import AudioDevice, KeyboardDevice, LoopbackDevice, SerialDevice, StorageDevice
+    from usbip.virtual.testing import control
+
+    def strings(dev) -> list[str]:
+        out = []
+        for idx in dev.device_descriptor[14:17]:
+            assert idx, f"{type(dev).__name__}: a string index is 0"
+            st, data = control(dev, 0x80, 6, 0x0300 | idx, 0x0409, 255)
+            assert st == 0 and data[1] == 3
+            out.append(data[2:].decode("utf-16-le"))
+        return out
+
+    made = [
+        (LoopbackDevice(), LoopbackDevice()),
+        (KeyboardDevice("x"), KeyboardDevice("y")),
+        (SerialDevice(), SerialDevice()),
+        (AudioDevice(), AudioDevice()),
+        (StorageDevice(str(tmp_path / "a.img"), 1 << 20), StorageDevice(str(tmp_path / "b.img"), 1 << 20)),
+    ]
+    try:
+        for a, b in made:
+            man, prod, ser_a = strings(a)
+            assert man and prod and ser_a.isalnum(), (man, prod, ser_a)
+            assert strings(b)[2] != ser_a
+    finally:
+        for pair in made:
+            for d in pair:
+                d.release()

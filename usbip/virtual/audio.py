@@ -64,6 +64,7 @@ from .framework import (
     VirtualDevice,
     configuration,
     endpoint,
+    instance_serial,
     interface,
 )
 
@@ -252,7 +253,7 @@ class AudioDevice(VirtualDevice):
             device_protocol=0x01,
             manufacturer=kw.pop("manufacturer", "cyusbip"),
             product=kw.pop("product", "Virtual Audio"),
-            serial=kw.pop("serial", "AUDIO0001"),
+            serial=kw.pop("serial", None) or instance_serial("AUD"),
             speed=speed,
             **kw,
         )

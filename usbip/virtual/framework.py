@@ -30,9 +30,11 @@ configuration and alternate settings, like the kernel stub whose
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import inspect
 import itertools
 import logging
+import socket
 import struct
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -100,6 +102,19 @@ FEATURE_REMOTE_WAKEUP = 1
 
 _SETUP = struct.Struct("<BBHHH")
 _devnums = itertools.count(2)
+_serial_counters: dict[str, itertools.count[int]] = {}
+
+
+def instance_serial(tag: str) -> str:
+    """A serial number unique to this device instance: ``TAG`` + a tag of this host + a counter.
+
+    Stable across restarts for the same host and order of devices (udev rules and Windows keep
+    per-serial settings), different between two devices of one kind (the kernel and Windows tell
+    identical vid:pid devices apart by it).
+    """
+    host = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:6].upper()
+    n = next(_serial_counters.setdefault(tag, itertools.count(1)))
+    return f"{tag}{host}{n:04d}"
 
 
 #: Returned by :meth:`VirtualDevice.control_request` that will complete the URB later itself.

@@ -26,6 +26,7 @@ from .framework import (
     WaitQueue,
     configuration,
     endpoint,
+    instance_serial,
     interface,
 )
 
@@ -126,7 +127,7 @@ class KeyboardDevice(VirtualDevice):
             bcd_device=0x0100,
             manufacturer=kw.pop("manufacturer", "cyusbip"),
             product=kw.pop("product", "Virtual Keyboard"),
-            serial=kw.pop("serial", "KBD0001"),
+            serial=kw.pop("serial", None) or instance_serial("KBD"),
             speed=speed,
             **kw,
         )

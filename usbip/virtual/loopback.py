@@ -41,6 +41,7 @@ from .framework import (
     complete_in,
     configuration,
     endpoint,
+    instance_serial,
     interface,
 )
 
@@ -77,7 +78,7 @@ class LoopbackDevice(VirtualDevice):
         vendor_id: int = 0x0525,
         product_id: int = 0xA4A0,
         fifo_size: int = 1 << 20,
-        serial: str = "0123456789.0123456789.0123456789",
+        serial: str | None = None,
         **kw,
     ) -> None:
         if pattern not in (0, 1):
@@ -88,7 +89,7 @@ class LoopbackDevice(VirtualDevice):
             bcd_device=0x0100,
             manufacturer=kw.pop("manufacturer", "cyusbip"),
             product=kw.pop("product", "Gadget Zero"),
-            serial=serial,
+            serial=serial or instance_serial("GZ"),
             speed=speed,
             **kw,
         )

@@ -30,6 +30,7 @@ from .framework import (
     bulk_max_packet,
     configuration,
     endpoint,
+    instance_serial,
     interface,
 )
 
@@ -50,7 +51,7 @@ class SerialDevice(VirtualDevice):
             device_class=0x02,
             manufacturer=kw.pop("manufacturer", "cyusbip"),
             product=kw.pop("product", "Virtual Serial Port"),
-            serial=kw.pop("serial", None),
+            serial=kw.pop("serial", None) or instance_serial("ACM"),
             speed=speed,
             **kw,
         )
