@@ -114,11 +114,27 @@ for i in range(20):
     assert not bad, ('pattern', len(data), bad[:5], bytes(data[:80]).hex(), bytes(data[bad[0]:bad[0]+16]).hex())
     total += len(data)
     h.bulkWrite(ep_out, bytes(j % 512 % 63 for j in range(4096)), timeout=5000)
+# hostile special requests, raw (the kernel here checks nothing): SET_INTERFACE to an alt setting
+# and SET_CONFIGURATION to configurations the device does not have. Each fails; the import lives on
+# (libusb's NOT_FOUND for them used to mark the exported device gone and end the import).
+hostile = []
+for bm, req, val, idx in ((0x01, 0x0B, 5, 0), (0x00, 0x09, 7, 0), (0x00, 0x09, 0x0101, 0)):
+    try:
+        h.controlWrite(bm, req, val, idx, b'', timeout=5000)
+        hostile.append('accepted')
+    except usb1.USBError as e:
+        hostile.append(type(e).__name__)
+assert 'accepted' not in hostile, hostile
+data = h.bulkRead(ep_in, 512, timeout=5000)
+assert len(data) == 512 and data[1] == 1, bytes(data[:8])
+print('HOSTILE', hostile)
 print('OK', total)
 """,
         timeout=120,
     )
     assert "OK" in r.out, r.out
+    conf = guest.run(f"cat /sys/bus/usb/devices/{busid}/bConfigurationValue").out.strip()
+    assert conf == "1" and "gone" not in guest.run(f"cat {_log}").out, conf
     gadgets.vhci_detach(guest, port.port)
     assert guest.run(f"kill -0 {pid}").rc == 0
     # unbind: no longer exported; the device goes back to its kernel driver state

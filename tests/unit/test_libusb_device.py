@@ -17,7 +17,7 @@ from usbip.protocol.constants import URB_SHORT_NOT_OK, URB_ZERO_PACKET, USBIP_DI
 
 DEV_DESC = bytes.fromhex("12010002000000402505a0a4000101020301")
 CONFIG = bytes.fromhex(
-    "09022e00010100c032"
+    "09023000010100c032"
     "0904000003ff000000"
     "07058102000200"  # 0x81 bulk IN
     "07050102000200"  # 0x01 bulk OUT
@@ -71,6 +71,7 @@ class FakeTransfer:
 
     def cancel(self):
         self.cancelled = True
+        self.owner.cancels.append(self)
 
     def close(self):
         # like python-libusb1: the ctypes view of the caller's buffer goes away with the transfer
@@ -108,6 +109,7 @@ class FakeHandle:
     def __init__(self):
         self.transfers = []
         self.calls = []
+        self.cancels = []  # FakeTransfer.cancel() calls, in order
 
     def getTransfer(self, iso_packets=0, short_is_error=False, add_zero_packet=False):
         return FakeTransfer(self, iso_packets, short_is_error, add_zero_packet)
@@ -143,6 +145,7 @@ def make_device():
     )
     dev = LibusbDevice(sysdev, context=None, events=Events())
     dev.handle = FakeHandle()
+    dev._claimed = [0]  # as open() leaves it: interface 0 claimed
     dev.gone = asyncio.Event()
     return dev
 
@@ -239,12 +242,17 @@ def test_control_special_requests_become_libusb_calls():
     assert u.status == 0 and names.index("releaseInterface") < names.index("setConfiguration")
     assert ("setConfiguration", 1) in dev.handle.calls and ("claimInterface", 0) in dev.handle.calls
     dev.handle.calls.clear()
-    u, _ = urb(10, 0, USBIP_DIR_OUT, 0, b"", setup=bytes.fromhex("010b010000000000"))
-    dev.submit(u)
-    assert ("setInterfaceAltSetting", 0, 1) in dev.handle.calls
     u, _ = urb(11, 0, USBIP_DIR_OUT, 0, b"", setup=bytes.fromhex("0201000081000000"))
     dev.submit(u)
     assert ("clearHalt", 0x81) in dev.handle.calls and u.status == 0
+    u, _ = urb(10, 0, USBIP_DIR_OUT, 0, b"", setup=bytes.fromhex("010b010000000000"))
+    dev.submit(u)
+    assert ("setInterfaceAltSetting", 0, 1) in dev.handle.calls
+    # alt 1 has no endpoints: 0x81 is no longer reachable, its CLEAR_HALT is the device's stall
+    dev.handle.calls.clear()
+    u, _ = urb(12, 0, USBIP_DIR_OUT, 0, b"", setup=bytes.fromhex("0201000081000000"))
+    dev.submit(u)
+    assert u.status == -errno.EPIPE and dev.handle.calls == []
     assert dev.handle.transfers == []
     dev.reset()
     assert ("resetDevice",) in dev.handle.calls

@@ -19,6 +19,34 @@ gets its real result when the call returns), and URBs submitted behind one of
 these calls wait for it (in order), as they would behind the kernel stub's
 synchronous ``usb_set_configuration``.
 
+What a client may reach is checked before libusb sees an URB (the client is not trusted):
+
+* an endpoint must belong to an interface we claimed, in its current alternate setting
+  (:mod:`.layout`; otherwise -ENOENT, as ``usb_submit_urb``); iso packets are bounded by
+  the endpoint's bytes per interval (-EMSGSIZE) and may not add up to more than the URB's
+  buffer (overlapping packets would multiply the bounce buffer);
+* a standard or class control request naming an interface (or an endpoint of one) that
+  we did not claim - its kernel driver on this host still has it - is refused with
+  -EPIPE, as a device refuses a request it does not take; vendor requests go through,
+  as usbfs lets them (``check_ctrlrecip``);
+* SET_CONFIGURATION / SET_INTERFACE naming a configuration, interface or alt setting the
+  device does not have is answered -EINVAL without touching the device
+  (``usb_set_configuration`` / ``usb_set_interface``); CLEAR_HALT of an endpoint that is
+  not reachable is answered -EPIPE (the device would stall it). A failing libusb call is
+  mapped per call: LIBUSB_ERROR_NOT_FOUND means "no such thing" there, never "device gone";
+* before SET_CONFIGURATION, SET_INTERFACE or a reset, the transfers on the endpoints it
+  takes down are cancelled (they complete -ESHUTDOWN, as the kernel's endpoint flush
+  gives them back): usbfs would flush them with -ESHUTDOWN itself, which libusb reports
+  as LIBUSB_TRANSFER_NO_DEVICE, and the device looked unplugged;
+* port resets asked for while one is already waiting are merged (they carry no URB, so
+  nothing else bounds them).
+
+Closing never touches the libusb handle while the worker may still be inside a libusb
+call on it (a stuck SET_CONFIGURATION, a reset): the handle is closed once the worker is
+done. On close the device gets back what the client changed: alternate settings go back
+to 0, the configuration found at import is set again, the interfaces are released and
+their kernel drivers reattached.
+
 Buffers: python-libusb1 wraps a *writable* buffer in place (``c_char * n``
 ``.from_buffer``), so bulk/interrupt/iso IN data lands straight in the pooled
 URB buffer, and OUT data given as a writable buffer is not copied either (a
@@ -30,19 +58,23 @@ copy each way).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import os
 import struct
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from ...descriptors import endpoint_types, walk
+from ...descriptors import walk
 from ...device import Device, Urb
 from ...protocol.constants import (
     ECONNRESET,
     EINVAL,
     ENODEV,
+    ENOENT,
+    EPIPE,
     EREMOTEIO,
     ESHUTDOWN,
     URB_SHORT_NOT_OK,
@@ -54,13 +86,17 @@ from ...protocol.constants import (
 )
 from ..usbdev import UsbDevice, split_descriptors
 from ..worker import DaemonWorker
+from .layout import ConfigLayout, Endpoint
 from .mapping import (
+    EMSGSIZE,
     TRANSFER_CANCELLED,
     TRANSFER_ERROR,
     TRANSFER_NO_DEVICE,
     IsoPlan,
+    UrbRefused,
     apply_iso_results,
     error_to_errno,
+    special_error_to_errno,
     status_to_errno,
 )
 from .opening import open_handle
@@ -68,6 +104,10 @@ from .opening import open_handle
 log = logging.getLogger(__name__)
 #: how long close() lets cancelled transfers come back before it closes the handle
 DRAIN_TIMEOUT = 2.0
+#: how long close() waits for a libusb call running in the worker (and for giving the interfaces back)
+CLOSE_TIMEOUT = 30.0
+#: libusb on Linux refuses control transfers with more data (os/linux_usbfs.h MAX_CTRL_BUFFER_LENGTH)
+MAX_CONTROL_DATA = 4096
 _DEBUG = bool(os.environ.get("USBIP_LIBUSB_DEBUG"))
 
 _SETUP = struct.Struct("<BBHHH")
@@ -87,16 +127,20 @@ def interface_numbers(config: bytes) -> list[int]:
 
 
 def classify_control(setup: bytes) -> tuple[str, int, int] | None:
-    """Which control requests the stub performs itself: ("config", value, 0),
-    ("interface", interface, alt), ("clear_halt", endpoint address, 0) or None."""
+    """Which control requests the stub performs itself: ("config", wValue, 0),
+    ("interface", wIndex, wValue), ("clear_halt", endpoint address, 0) or None.
+    wValue / wIndex are whole (16 bits): values that do not fit are refused later."""
     bm, req, value, index, _length = _SETUP.unpack_from(setup, 0)
     if bm == 0x00 and req == REQ_SET_CONFIGURATION:
-        return ("config", value & 0xFF, 0)
+        return ("config", value, 0)
     if bm == 0x01 and req == REQ_SET_INTERFACE:
-        return ("interface", index & 0xFF, value & 0xFF)
+        return ("interface", index, value)
     if bm == 0x02 and req == REQ_CLEAR_FEATURE and value == FEATURE_ENDPOINT_HALT:
-        return ("clear_halt", index & 0xFF, 0)
+        return ("clear_halt", index & 0x8F, 0)  # stub_rx.c tweak_clear_halt_cmd: number and direction
     return None
+
+
+_RESET = object()  # a port reset waiting in LibusbDevice._deferred
 
 
 class LibusbDevice(Device):
@@ -118,6 +162,7 @@ class LibusbDevice(Device):
         if len(self._dev_desc) != 18:
             raise ValueError(f"{sysdev.busid}: no device descriptor ({sysdev.source})")
         self._config_value = sysdev.configuration_value
+        self._initial_config = 0  # the configuration found at import: set again on close
         self.context = context
         self.events = events
         self.on_gone = on_gone
@@ -125,12 +170,20 @@ class LibusbDevice(Device):
         self._fd = -1
         self._claimed: list[int] = []
         self._detached: list[int] = []
-        self._pending: dict[int, Urb] = {}  # id(urb) -> urb with a libusb transfer in flight
-        self._ep_cache: dict[tuple[int, int], int] | None = None
+        self._alts: dict[int, int] = {}  # interface -> current alt setting, where known
+        self._pending: dict[int, Urb] = {}  # id(urb) -> urb with a libusb transfer in flight (or waiting)
+        self._layout_cache: ConfigLayout | None = None
+        self._ep_cache: dict[tuple[int, int], Endpoint] | None = None
         self.is_gone = False
         self._worker: DaemonWorker | None = None
+        self._jobs: set[concurrent.futures.Future[Any]] = set()  # worker calls not finished yet
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._close_pending = False
+        self._given_back = False
         self._busy: asyncio.Future[Any] | None = None  # the libusb call running in the worker
-        self._deferred: list[Urb] = []  # URBs submitted while _busy runs, in order
+        # URBs (id -> Urb) and at most one port reset (_RESET) that arrived while _busy runs, in order
+        self._deferred: OrderedDict[object, Any] = OrderedDict()
+        self._cancel_later: dict[int, Urb] = {}  # unlinked while _busy runs: cancelled when it returns
         self.gone: asyncio.Event | None = None  # set when the device disappears (the server ends the session)
 
     # ------------------------------------------------------------ identity
@@ -160,12 +213,35 @@ class LibusbDevice(Device):
     def configuration_value(self) -> int:
         return self._config_value
 
+    def _layout(self) -> ConfigLayout:
+        """The active configuration's interfaces and endpoints (none while unconfigured)."""
+        cached = self._layout_cache
+        if cached is None or cached.value != self._config_value:
+            cfg = self.active_configuration() if self._config_value else b""
+            if cfg and len(cfg) >= 6 and cfg[5] != self._config_value:
+                cfg = b""  # the configuration value names no configuration we know
+            cached = self._layout_cache = ConfigLayout(cfg, self.speed)
+            cached.value = self._config_value
+        return cached
+
+    def _endpoint(self, ep: int, direction: int) -> Endpoint | None:
+        """The endpoint a client may submit to, or None (not in the current settings of an
+        interface we claimed). Before import (no handle) every interface counts."""
+        cache = self._ep_cache
+        if cache is None:
+            layout = self._layout()
+            claimed: Any = layout.alts if self.handle is None else set(self._claimed)
+            cache = self._ep_cache = layout.reachable(claimed, dict(self._alts))
+        return cache.get((ep, direction))
+
     def endpoint_type(self, ep: int, direction: int) -> int | None:
         if ep == 0:
             return 0
-        if self._ep_cache is None:
-            self._ep_cache = endpoint_types(self.active_configuration())
-        return self._ep_cache.get((ep, direction))
+        found = self._endpoint(ep, direction)
+        return None if found is None else found.xfer
+
+    def _invalidate(self) -> None:
+        self._ep_cache = None
 
     def describe(self) -> str:
         s = self.sysdev
@@ -179,7 +255,13 @@ class LibusbDevice(Device):
     async def open(self) -> None:
         if self.is_gone:
             raise OSError(f"{self.busid} is gone")
+        if self.handle is not None:
+            raise OSError(f"{self.busid} is still being released")
         self.gone = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self._alts = {}
+        self._given_back = False
+        self._invalidate()
         try:
             self.handle, self._fd = open_handle(self.context, self.sysdev)
             await self._in_worker(self._open_sync)
@@ -201,20 +283,34 @@ class LibusbDevice(Device):
                 self._config_value = current
         except Exception as exc:
             log.debug("%s: getConfiguration: %s", self.busid, exc)
+        self._initial_config = self._config_value
         self._take_interfaces()
+        self._invalidate()
 
     def _get_worker(self) -> DaemonWorker:
         if self._worker is None:
             self._worker = DaemonWorker(f"usbip-libusb-{self.busid}")
         return self._worker
 
+    def _job(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any]:
+        """Run ``fn(*args)`` in the worker; the future stays in ``_jobs`` until it is done."""
+        fut = self._get_worker().submit(fn, *args)
+        self._jobs.add(fut)
+        return fut
+
+    def _worker_idle(self) -> bool:
+        """No libusb call of ours runs or waits in the worker (a call that was cancelled before
+        it started counts as done: DaemonWorker skips it)."""
+        self._jobs = {f for f in self._jobs if not f.done()}
+        return not self._jobs
+
     async def _in_worker(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._get_worker(), fn, *args)
+        return await asyncio.wrap_future(self._job(fn, *args))
 
     def _take_interfaces(self) -> None:
         """Detach kernel drivers from the active configuration's interfaces and claim them."""
         self._ep_cache = None
-        for ifnum in interface_numbers(self.active_configuration()):
+        for ifnum in interface_numbers(self.active_configuration()) if self._config_value else []:
             if ifnum in self._claimed:
                 continue
             try:
@@ -237,17 +333,31 @@ class LibusbDevice(Device):
         self._claimed = []
 
     async def close(self) -> None:
+        self._deferred.pop(_RESET, None)  # nobody is left to reset the device for
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CLOSE_TIMEOUT
+        while self._busy is not None and loop.time() < deadline:
+            # a SET_CONFIGURATION / SET_INTERFACE / reset still runs: cancelling transfers now would
+            # wait in usbfs for the device lock that call holds (in the loop thread)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._busy), max(0.0, deadline - loop.time()))
+            await asyncio.sleep(0)
+        if self.handle is not None and not self._worker_idle():
+            self._close_handle()  # closes once the worker is done with the handle
+            return
         await self._drain_transfers()
         if self.handle is not None and not self.is_gone:
             # interface release / driver re-attach sleep in the kernel: not in the loop thread
             try:
-                await asyncio.wait_for(self._in_worker(self._give_back_interfaces), 30.0)
+                await asyncio.wait_for(self._in_worker(self._give_back_interfaces), CLOSE_TIMEOUT)
             except Exception as exc:
-                log.warning("%s: giving the interfaces back failed: %s", self.busid, exc)
+                log.warning("%s: giving the interfaces back failed: %r", self.busid, exc)
         self._close_handle()
 
     def _live_transfers(self) -> list[Urb]:
-        return [u for u in self._pending.values() if u.context is not None and not u.done]
+        """URBs whose libusb transfer has not come back, completed or not (the session completes
+        URBs itself when the device is too slow: their transfers are still in flight)."""
+        return [u for u in self._pending.values() if u.context is not None]
 
     async def _drain_transfers(self) -> None:
         """Cancel the transfers in flight and let their cancellations come back through the
@@ -257,12 +367,14 @@ class LibusbDevice(Device):
         the handle's fd after we closed it, and once the number was reused every later
         libusb_handle_events failed ("reap failed, errno=9" / 25): no transfer of any device
         completed any more (seen in the event-mode benchmark)."""
+        self._cancel_later.clear()
         live = self._live_transfers()
         if not live:
             return
         for urb in live:
+            transfer: Any = urb.context
             with contextlib.suppress(Exception):
-                urb.context.cancel()
+                transfer.cancel()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + DRAIN_TIMEOUT
         while self._live_transfers() and loop.time() < deadline:
@@ -271,15 +383,44 @@ class LibusbDevice(Device):
             log.warning("%s: %d transfers still in flight at close", self.busid, len(self._live_transfers()))
 
     def _give_back_interfaces(self) -> None:
+        """Undo what the client changed, then give the interfaces back to their kernel drivers:
+        alt settings back to 0, the configuration found at import set again."""
+        h = self.handle
+        if h is None or self._given_back:
+            return
+        self._given_back = True  # once: never again from the loop thread after the worker tried
+        for ifnum, alt in list(self._alts.items()):
+            if alt and ifnum in self._claimed:
+                try:
+                    h.setInterfaceAltSetting(ifnum, 0)
+                except Exception as exc:
+                    log.debug("%s: interface %d back to alt 0: %s", self.busid, ifnum, exc)
         self._release_interfaces()
+        initial = self._initial_config
+        if initial and self._config_value != initial:
+            try:
+                h.setConfiguration(initial)
+                self._config_value = initial
+                log.info("%s: configuration %d set again", self.busid, initial)
+            except Exception as exc:
+                log.info("%s: setting configuration %d again failed: %s", self.busid, initial, exc)
+        self._alts = {}
+        self._ep_cache = None
         for ifnum in self._detached:
             try:
-                self.handle.attachKernelDriver(ifnum)
+                h.attachKernelDriver(ifnum)
             except Exception as exc:
                 log.debug("%s: reattach driver of interface %d: %s", self.busid, ifnum, exc)
         self._detached = []
 
     def _close_handle(self) -> None:
+        if self.handle is not None and not self._worker_idle():
+            # the worker is still inside a libusb call on this handle (a reset, a SET_CONFIGURATION
+            # the device or its lock holds up): closing the handle now would free it under that
+            # call. Close it once the worker is done (the worker runs its calls in order).
+            self._close_when_idle()
+            return
+        self._close_pending = False
         if self.handle is not None:
             if not self.is_gone:
                 self._give_back_interfaces()
@@ -298,9 +439,34 @@ class LibusbDevice(Device):
                 os.close(self._fd)
             self._fd = -1
         self._busy = None
+        self._deferred.clear()
+        self._cancel_later.clear()
+        self._invalidate()
         if self._worker is not None:
             self._worker.shutdown(wait=False)
             self._worker = None
+
+    def _close_when_idle(self) -> None:
+        if self._close_pending:
+            return
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            log.warning("%s: a libusb call is still running: the handle stays open", self.busid)
+            return
+        self._close_pending = True
+        log.warning("%s: a libusb call is still running: closing the handle when it returns", self.busid)
+        give_back = (lambda: None) if self.is_gone else self._give_back_interfaces
+
+        def done(_fut: Any) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is gone: the process is exiting
+                loop.call_soon_threadsafe(self._close_when_idle_done)
+
+        self._job(give_back).add_done_callback(done)
+
+    def _close_when_idle_done(self) -> None:
+        self._close_pending = False
+        if self.handle is not None:
+            self._close_handle()
 
     def release(self) -> None:
         self._close_handle()
@@ -311,13 +477,16 @@ class LibusbDevice(Device):
             return
         self.is_gone = True
         log.info("%s: device gone", self.busid)
-        deferred, self._deferred = self._deferred, []
-        for urb in deferred:
-            self._pending.pop(id(urb), None)
+        deferred, self._deferred = self._deferred, OrderedDict()
+        for key, urb in deferred.items():
+            if key is _RESET:
+                continue
+            self._pending.pop(key, None)  # type: ignore[call-overload]
             if not urb.done:
                 urb.complete(ESHUTDOWN, 0)
+        self._cancel_later.clear()
         for urb in list(self._pending.values()):
-            transfer = urb.context
+            transfer: Any = urb.context
             if transfer is not None:
                 with contextlib.suppress(Exception):
                     transfer.cancel()
@@ -331,7 +500,7 @@ class LibusbDevice(Device):
         if self._busy is not None and not self.is_gone:
             # behind a SET_CONFIGURATION / SET_INTERFACE / reset still running in the worker
             self._pending[id(urb)] = urb
-            self._deferred.append(urb)
+            self._deferred[id(urb)] = urb
             return
         self._submit_now(urb)
 
@@ -345,25 +514,39 @@ class LibusbDevice(Device):
         if urb.ep == 0:
             self._submit_control(urb, is_in)
             return
-        xfer = self.endpoint_type(urb.ep, urb.direction)
+        ep = self._endpoint(urb.ep, urb.direction)
+        if ep is None:
+            # not in the current settings of an interface we hold: usb_submit_urb's -ENOENT
+            log.debug("%s: %r: no such endpoint in the claimed interfaces' current settings", self.busid, urb)
+            urb.complete(ENOENT, 0)
+            return
+        xfer = ep.xfer
+        if xfer not in (XFER_BULK, XFER_INT, XFER_ISOC) or (xfer == XFER_ISOC) != (urb.iso is not None):
+            urb.complete(EINVAL, 0)
+            return
+        if ep.max_bytes <= 0:
+            urb.complete(EMSGSIZE, 0)  # usb_submit_urb: "bogus endpoint" (maxpacket 0)
+            return
         address = urb.ep | (0x80 if is_in else 0)
         flags = urb.transfer_flags
         try:
             if xfer == XFER_ISOC:
-                transfer = self._iso_transfer(urb, address, is_in)
+                transfer = self._iso_transfer(urb, address, is_in, ep.max_bytes)
             else:
                 transfer = self.handle.getTransfer(
                     short_is_error=bool(is_in and flags & URB_SHORT_NOT_OK),
                     add_zero_packet=bool(not is_in and flags & URB_ZERO_PACKET),
                 )
-                buf = self._data_buffer(urb, is_in)
-                if xfer == XFER_INT:
-                    transfer.setInterrupt(address, buf, self._on_transfer, urb)
-                elif xfer == XFER_BULK:
-                    transfer.setBulk(address, buf, self._on_transfer, urb)
-                else:
-                    urb.complete(EINVAL, 0)
-                    return
+                try:
+                    buf = self._data_buffer(urb, is_in)
+                    if xfer == XFER_INT:
+                        transfer.setInterrupt(address, buf, self._on_transfer, urb)
+                    else:
+                        transfer.setBulk(address, buf, self._on_transfer, urb)
+                except BaseException:
+                    with contextlib.suppress(Exception):
+                        transfer.close()
+                    raise
             self._start(urb, transfer)
         except Exception as exc:
             self._submit_failed(urb, exc)
@@ -391,8 +574,11 @@ class LibusbDevice(Device):
             raise
 
     def _submit_failed(self, urb: Urb, exc: BaseException) -> None:
-        code = getattr(exc, "value", None)
-        err = error_to_errno(code) if isinstance(code, int) else EINVAL
+        if isinstance(exc, UrbRefused):
+            err = exc.status
+        else:
+            code = getattr(exc, "value", None)
+            err = error_to_errno(code) if isinstance(code, int) else EINVAL
         log.debug("%s: submit %r failed: %s", self.busid, urb, exc)
         if err == ENODEV:
             urb.complete(ENODEV, 0)
@@ -410,23 +596,111 @@ class LibusbDevice(Device):
     def _submit_control(self, urb: Urb, is_in: bool) -> None:
         setup = bytes(urb.setup)
         special = classify_control(setup)
+        if special is not None and special[0] == "clear_halt" and special[1] & 0x0F == 0:
+            special = None  # CLEAR_FEATURE(ENDPOINT_HALT) of ep0: an ordinary request (usbfs lets it through)
         if special is not None:
+            refused = self._check_special(special)
+            if refused:
+                log.info("%s: %s(%d, %d) refused: %d", self.busid, *special, refused)
+                urb.complete(refused, 0)
+                return
+            self._cancel_for(special[0], special[1])
             self._run_blocking(self._special, special, urb)
             return
+        refused = self._control_refusal(setup)
+        if refused:
+            log.info("%s: control request %s names an interface we do not hold: %d", self.busid, setup.hex(), refused)
+            urb.complete(refused, 0)
+            return
         bm, req, value, index, length = _SETUP.unpack_from(setup, 0)
+        n = min(length, urb.transfer_buffer_length)
+        if not is_in and n > MAX_CONTROL_DATA:
+            urb.complete(EMSGSIZE, 0)  # libusb cannot send it (usb_submit_urb: too large for the host)
+            return
         try:
             transfer = self.handle.getTransfer()
-            if is_in:
-                transfer.setControl(
-                    bm, req, value, index, min(length, urb.transfer_buffer_length), self._on_transfer, urb
-                )
-            else:
-                n = min(length, urb.transfer_buffer_length)
-                data = bytes(memoryview(urb.buffer)[:n]) if n else b""
-                transfer.setControl(bm, req, value, index, data, self._on_transfer, urb)
+            try:
+                if is_in:
+                    # at most what libusb takes: a larger wLength asks for "up to" that many bytes,
+                    # which the device answers with a short read whenever it has less
+                    transfer.setControl(bm, req, value, index, min(n, MAX_CONTROL_DATA), self._on_transfer, urb)
+                else:
+                    data = bytes(memoryview(urb.buffer)[:n]) if n else b""
+                    transfer.setControl(bm, req, value, index, data, self._on_transfer, urb)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    transfer.close()
+                raise
             self._start(urb, transfer)
         except Exception as exc:
             self._submit_failed(urb, exc)
+
+    def _control_refusal(self, setup: bytes) -> int:
+        """0, or the status a standard/class request naming an interface (or an endpoint of one)
+        we did not claim completes with: that interface belongs to a kernel driver of this host.
+        The rules of usbfs' check_ctrlrecip (vendor requests pass, so does the printer class'
+        GET_DEVICE_ID, which names the interface in wIndex's high byte)."""
+        bm, req, _value, index, _length = _SETUP.unpack_from(setup, 0)
+        if (bm >> 5) & 3 == 2:  # vendor
+            return 0
+        recipient = bm & 0x1F
+        claimed = self._claimed
+        if bm == 0xA1 and req == 0 and (index >> 8) in claimed:
+            return 0
+        if recipient == 1:  # interface
+            return 0 if (index & 0xFF) in claimed else EPIPE
+        if recipient == 2:  # endpoint
+            address = index & 0xFF
+            if address & 0x0F == 0:
+                return 0
+            layout = self._layout()
+            owner = layout.owner(address)
+            if owner is None:
+                owner = layout.owner(address ^ 0x80)  # usbfs: some clients give the number without the direction
+            if owner is None:
+                return 0  # no such endpoint: the device answers, as usbfs lets it through
+            return 0 if owner in claimed else EPIPE
+        return 0
+
+    def _check_special(self, special: tuple[str, int, int]) -> int:
+        """0 to go ahead, or the status a special request is refused with without touching the device."""
+        what, a, b = special
+        if what == "config":
+            if a == 0:
+                return 0
+            if a > 0xFF or not any(len(c) >= 6 and c[5] == a for c in self._configs):
+                return EINVAL  # usb_set_configuration: no such configuration
+            return 0
+        if what == "interface":
+            layout = self._layout()
+            if a > 0xFF or b > 0xFF or not layout.has_alt(a, b):
+                return EINVAL  # usb_set_interface: no such interface / alt setting
+            return 0
+        # clear_halt: an endpoint a client may reach now; the device would stall anything else
+        return 0 if self._endpoint(a & 0x0F, 1 if a & 0x80 else 0) is not None else EPIPE
+
+    def _cancel_for(self, what: str, arg: int) -> None:
+        """Cancel the transfers a SET_CONFIGURATION ("config"), SET_INTERFACE ("interface", its
+        interface) or reset ("reset") is about to take down. usbfs would flush them with
+        -ESHUTDOWN, which libusb reports as NO_DEVICE (the device then looked unplugged); cancelled
+        first, they come back CANCELLED and complete -ESHUTDOWN, as the kernel flushes them."""
+        if what == "clear_halt":
+            return
+        targets = None
+        if what == "interface":
+            targets = self._layout().endpoints_of(arg)
+        for urb in list(self._pending.values()):
+            transfer: Any = urb.context
+            if transfer is None or urb.done:
+                continue
+            if what == "config" and urb.ep == 0:
+                continue  # usb_set_configuration leaves ep0 alone
+            if targets is not None and (urb.ep | (0x80 if urb.direction == USBIP_DIR_IN else 0)) not in targets:
+                continue
+            try:
+                transfer.cancel()
+            except Exception as exc:
+                log.debug("%s: cancel %r before %s: %s", self.busid, urb, what, exc)
 
     def _run_blocking(self, fn: Callable[..., int], arg: Any, urb: Urb | None) -> None:
         """Run ``fn(arg)`` (a blocking libusb call returning an errno) in the worker thread,
@@ -437,6 +711,7 @@ class LibusbDevice(Device):
             loop = None
         if loop is None:
             err = fn(arg)
+            self._invalidate()
             if err == ENODEV:
                 self.mark_gone()
             if urb is not None and not urb.done:
@@ -444,13 +719,14 @@ class LibusbDevice(Device):
             return
         if urb is not None:
             self._pending[id(urb)] = urb
-        fut = loop.run_in_executor(self._get_worker(), fn, arg)
+        fut = asyncio.wrap_future(self._job(fn, arg), loop=loop)
         self._busy = fut
         fut.add_done_callback(lambda f: self._blocking_done(f, arg, urb))
 
     def _blocking_done(self, fut: asyncio.Future[Any], arg: Any, urb: Urb | None) -> None:
         if self._busy is fut:
             self._busy = None
+        self._invalidate()  # the worker may have changed the configuration, claims or alt settings
         try:
             err = fut.result()
         except BaseException as exc:  # CancelledError when the worker was shut down
@@ -464,10 +740,20 @@ class LibusbDevice(Device):
                 urb.complete(err, 0)
         if err == ENODEV:
             self.mark_gone()
-        # URBs that arrived meanwhile, in order, until one of them is blocking again
-        while self._deferred and self._busy is None:
-            nxt = self._deferred.pop(0)
-            self._pending.pop(id(nxt), None)
+        if self._busy is not None:
+            return
+        # unlinks that came in meanwhile (cancelling waits for the device lock the call held)
+        later, self._cancel_later = self._cancel_later, {}
+        for u in later.values():
+            self.cancel(u)
+        # URBs (and a reset) that arrived meanwhile, in order, until one of them is blocking again
+        deferred = self._deferred
+        while deferred and self._busy is None:
+            key, nxt = deferred.popitem(last=False)
+            if key is _RESET:
+                self._start_reset()
+                continue
+            self._pending.pop(key, None)  # type: ignore[call-overload]
             if nxt.done:
                 continue
             if nxt.cancelled:
@@ -476,39 +762,64 @@ class LibusbDevice(Device):
             self._submit_now(nxt)
 
     def _special(self, special: tuple[str, int, int]) -> int:
+        """Worker thread: the libusb call standing for a client's special request."""
         what, a, b = special
         h = self.handle
+        if h is None:
+            return ENODEV
         try:
             if what == "config":
                 # usbfs refuses SET_CONFIGURATION while interfaces are claimed: give them back first
+                before = self._config_value
                 self._release_interfaces()
+                ok = False
                 try:
                     h.setConfiguration(a)
+                    ok = True
                 finally:
                     try:
                         cur = h.getConfiguration()
                     except Exception:
-                        cur = a
+                        cur = a if ok else before
                     self._config_value = cur
+                    # usb_set_configuration (or usb_reset_configuration for the same value) leaves
+                    # every interface in alt 0; after a failure nobody knows
+                    self._alts = {i: 0 for i in self._layout().alts} if ok else {}
                     self._take_interfaces()
             elif what == "interface":
                 if a not in self._claimed:
-                    self._take_interfaces()
+                    self._take_interfaces()  # its kernel driver may have let go of it since
+                if a not in self._claimed:
+                    log.info("%s: SET_INTERFACE(%d, %d): the interface is not ours", self.busid, a, b)
+                    return EPIPE
                 h.setInterfaceAltSetting(a, b)
-                self._ep_cache = None
+                self._alts[a] = b
             else:
                 h.clearHalt(a)
         except Exception as exc:
             code = getattr(exc, "value", None)
-            err = error_to_errno(code if isinstance(code, int) else None)
+            err = special_error_to_errno(what, code if isinstance(code, int) else None)
             log.info("%s: %s(%d, %d) failed: %s", self.busid, what, a, b, exc)
             return err  # ENODEV: the caller marks the device gone (loop thread)
+        finally:
+            self._ep_cache = None
         return 0
 
     def reset(self) -> None:
-        """Port reset: resetDevice in the worker; URBs submitted meanwhile wait for it."""
+        """Port reset: resetDevice in the worker; URBs submitted meanwhile wait for it. A reset
+        asked for while another one still waits its turn is the same reset."""
         if self.handle is None or self.is_gone:
             return
+        if self._busy is not None:
+            if _RESET not in self._deferred:
+                self._deferred[_RESET] = None
+            return
+        self._start_reset()
+
+    def _start_reset(self) -> None:
+        if self.handle is None or self.is_gone:
+            return
+        self._cancel_for("reset", 0)
         self._run_blocking(self._reset_sync, "reset", None)
 
     def _reset_sync(self, _arg: Any = None) -> int:
@@ -520,31 +831,38 @@ class LibusbDevice(Device):
         except Exception as exc:
             log.info("%s: reset failed: %s", self.busid, exc)
             code = getattr(exc, "value", None)
-            if isinstance(code, int) and error_to_errno(code) == ENODEV:
-                return ENODEV
-            return EINVAL
+            # NOT_FOUND: usbfs said ENODEV, or an interface could not be claimed again
+            return special_error_to_errno("reset", code if isinstance(code, int) else None)
+        finally:
+            self._ep_cache = None
         return 0
 
     # ------------------------------------------------------------ iso
-    def _iso_transfer(self, urb: Urb, address: int, is_in: bool) -> Any:
+    def _iso_transfer(self, urb: Urb, address: int, is_in: bool, max_packet: int | None = None) -> Any:
         iso = urb.iso
         assert iso is not None
         packets = iso.tolist()
-        plan = IsoPlan(packets, urb.transfer_buffer_length)
+        # bounded before anything is allocated (UrbRefused: -EMSGSIZE / -EINVAL)
+        plan = IsoPlan(packets, urb.transfer_buffer_length, max_packet)
         transfer = self.handle.getTransfer(iso_packets=len(packets))
-        if plan.contiguous:
-            buf: Any = memoryview(urb.buffer)[: plan.total] if plan.total != len(urb.buffer) else urb.buffer
-            bounce = None
-        else:
-            bounce = bytearray(plan.total)
-            if not is_in:
-                plan.gather(memoryview(urb.buffer), memoryview(bounce))
-            buf = bounce
-        transfer.setIsochronous(
-            address, buf, self._on_transfer, (urb, plan, bounce), iso_transfer_length_list=plan.setup_lengths
-        )
-        if plan.zero:
-            _patch_iso_lengths(transfer, plan)
+        try:
+            if plan.contiguous:
+                buf: Any = memoryview(urb.buffer)[: plan.total] if plan.total != len(urb.buffer) else urb.buffer
+                bounce = None
+            else:
+                bounce = bytearray(plan.total)
+                if not is_in:
+                    plan.gather(memoryview(urb.buffer), memoryview(bounce))
+                buf = bounce
+            transfer.setIsochronous(
+                address, buf, self._on_transfer, (urb, plan, bounce), iso_transfer_length_list=plan.setup_lengths
+            )
+            if plan.zero:
+                _patch_iso_lengths(transfer, plan)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                transfer.close()
+            raise
         return transfer
 
     # ------------------------------------------------------------ completion
@@ -560,6 +878,7 @@ class LibusbDevice(Device):
         else:
             urb = data
         self._pending.pop(id(urb), None)
+        self._cancel_later.pop(id(urb), None)
         urb.context = None
         try:
             status = transfer.getStatus()
@@ -607,16 +926,20 @@ class LibusbDevice(Device):
             self._schedule_gone()
 
     def cancel(self, urb: Urb) -> None:
-        queued = [i for i, u in enumerate(self._deferred) if u is urb]
-        if queued:  # never started: done now
-            del self._deferred[queued[0]]
-            self._pending.pop(id(urb), None)
+        key = id(urb)
+        if self._deferred.get(key) is urb:  # never started: done now (O(1): unlink storms)
+            del self._deferred[key]
+            self._pending.pop(key, None)
             if not urb.done:
                 urb.complete(ECONNRESET, 0)
             return
-        transfer = urb.context
+        transfer: Any = urb.context
         if transfer is None or urb.done:
             return  # a blocking call in the worker: completes with its result when the call returns
+        if self._busy is not None:
+            # usbfs' DISCARDURB waits for the device lock the worker's call holds: not in the loop
+            self._cancel_later[key] = urb
+            return
         try:
             transfer.cancel()
         except Exception as exc:  # already completing: its callback will report it
