@@ -1,4 +1,4 @@
-"""Shared machinery of the end-to-end benchmarks (test_e2e.py, test_gigabit.py, report.py).
+"""Shared machinery of the end-to-end benchmarks (test_e2e.py, test_gigabit.py, test_tls.py, report.py).
 
 * :class:`ServerProc` starts a USB/IP server (the C ceiling, our usbipd compiled or pure)
   on a free port, learns the port from its banner and stops it cleanly.
@@ -7,6 +7,8 @@
   (utime + stime of the server and its children, from /proc) over the measured window.
 * :func:`interleaved` runs a case against several servers in turn (A, B, C, A, B, C, ...)
   and keeps the medians, so that the machine's background load hits every server alike.
+* :func:`netns_link` builds the emulated gigabit link (two network namespaces, a shaped veth pair).
+* :func:`tls_doc` / :func:`tls_rows`: our usbipd plain against the same usbipd serving TLS.
 
 No wall-clock figure is ever asserted; only the medians' ratios are reported.
 """
@@ -18,7 +20,9 @@ import json
 import os
 import pathlib
 import platform
+import random
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -146,6 +150,16 @@ class ServerProc:
     port: int = 0
     banner: bytes = b""
     log_path: pathlib.Path | None = None
+    #: the key of its runs in the results (default: ``kind``), e.g. "plain" and "tls" for two usbipd
+    label: str | None = None
+    #: extra usbipd options (e.g. ``--tls-cert PEM``)
+    server_args: Sequence[str] = ()
+    #: extra options our client needs for this server (e.g. ``--tls-ca PEM``); the C loadgen takes none
+    client_args: Sequence[str] = ()
+
+    @property
+    def key(self) -> str:
+        return self.label or self.kind
 
     @property
     def busid(self) -> str:
@@ -159,7 +173,8 @@ class ServerProc:
     def command(self) -> list[str]:
         if self.kind == CEILING:
             return [str(build("ceiling")), "--port", "0", "--host", self.host]
-        return [PYTHON, "-m", "usbip.cli.usbipd_main", "--host", self.host, "-t", "0", "--virtual", "loopback"]
+        cmd = [PYTHON, "-m", "usbip.cli.usbipd_main", "--host", self.host, "-t", "0", "--virtual", "loopback"]
+        return [*cmd, *self.server_args]
 
     def start(self, timeout: float = 30.0) -> ServerProc:
         env = dict(os.environ)
@@ -193,7 +208,7 @@ class ServerProc:
         if not self.port:
             out = self.banner.decode(errors="replace")
             self.stop()
-            raise RuntimeError(f"{self.kind} server did not start: {out.strip()}")
+            raise RuntimeError(f"{self.key} server did not start: {out.strip()}")
         return self
 
     def drain_output(self) -> None:
@@ -230,6 +245,43 @@ class ServerProc:
 
 
 # ---------------------------------------------------------------- load generators
+IMPORT_SLACK = 0.04  # seconds from the connect to the end of the import (TLS: the handshake too)
+END_MARGIN = 0.04  # our window closes this long before the generator's (its end sample needs the server's
+# connection child, for the ceiling, still alive)
+
+
+def _established(pid: int, port: int) -> bool:
+    """Whether the network namespace of ``pid`` holds an established TCP connection on local ``port``
+    (the server's end of a client's connection: /proc/PID/net/tcp{,6}, state 01)."""
+    want = f":{port:04X}"
+    for name in ("tcp", "tcp6"):
+        try:
+            with open(f"/proc/{pid}/net/{name}") as f:
+                next(f, None)
+                for line in f:
+                    fields = line.split(None, 4)
+                    if len(fields) > 3 and fields[3] == "01" and fields[1].endswith(want):
+                        return True
+        except OSError:
+            continue
+    return False
+
+
+def wait_connected(proc: subprocess.Popen[bytes], server: ServerProc, timeout: float = 30.0) -> tuple[float, float]:
+    """When the load generator ``proc`` connected to ``server``, polled: (the last time it was not
+    connected yet, the first time it was). Gives up when it exited or ``timeout`` passed. The
+    previous run's connection is gone by then: its generator has exited."""
+    before = time.monotonic()
+    deadline = before + timeout
+    while proc.poll() is None:
+        now = time.monotonic()
+        if _established(server.pid, server.port) or now >= deadline:
+            return before, time.monotonic()
+        before = now
+        time.sleep(0.005)
+    return before, time.monotonic()
+
+
 @dataclass(frozen=True)
 class Case:
     """One benchmark case. ``mode``: control, bulk-in, bulk-out, iso-in. ``client``: c or py."""
@@ -271,6 +323,9 @@ def load_command(case: Case, server: ServerProc, seconds: float, warmup: float, 
     host = host or server.host
     if case.client == "py":
         cmd = [PYTHON, "-m", "usbip.bench", "--host", host, "--port", str(server.port), "--busid", server.busid]
+        cmd += server.client_args
+    elif server.client_args:
+        raise ValueError(f"the C loadgen cannot talk to {server.key} (needs {' '.join(server.client_args)})")
     else:
         cmd = [str(build("loadgen")), "--host", host, "--port", str(server.port), "--busid", server.busid]
     cmd += ["--mode", case.mode, "--inflight", str(case.inflight)]
@@ -296,19 +351,27 @@ def run_load(
     """One run: the generator's JSON plus ``server_cpu_s`` and ``cpu_us_per_urb`` / ``cpu_s_per_gb``.
 
     The server's CPU time is sampled at the start and the end of the generator's
-    measured window (by our clock; the connect/import before it takes a few ms),
-    then scaled by the generator's own rates, so warm-up and drain do not count.
+    measured window (by our clock, from the moment the generator's connection shows
+    up at the server: our Python client takes a good part of a second to start, the C
+    one a few ms; the import after the connect takes a few ms), then scaled by the
+    generator's own rates, so start-up, warm-up and drain do not count.
+    The generator's own CPU is sampled alike (``client_cpu_frac``, ``client_cpu_us_per_urb``):
+    it tells which side a run was bound by.
     """
     cmd = [*prefix, *load_command(case, server, seconds, warmup, host)]
-    t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(REPO))
-    cpu0 = cpu1 = None
+    cpu0 = cpu1 = ccpu0 = ccpu1 = None
     try:
-        time.sleep(max(0.0, t0 + warmup + 0.02 - time.monotonic()))
+        # the connect happened between not_yet and seen: start after the latest, end before the earliest
+        # possible end of the generator's window (its clock starts after the connect and the import)
+        not_yet, seen = wait_connected(proc, server)
+        time.sleep(max(0.0, seen + warmup + IMPORT_SLACK - time.monotonic()))
         ta = time.monotonic()
         cpu0 = cpu_sample(server.pid)
-        time.sleep(max(0.0, ta + seconds - 0.04 - time.monotonic()))
+        ccpu0 = _stat_fields(proc.pid)
+        time.sleep(max(0.0, not_yet + warmup + seconds - END_MARGIN - time.monotonic()))
         cpu1 = cpu_sample(server.pid)
+        ccpu1 = _stat_fields(proc.pid)
         tb = time.monotonic()
         out, err = proc.communicate(timeout=seconds + warmup + 60)
     except BaseException:
@@ -336,10 +399,25 @@ def run_load(
     # CPU per URB (us) == CPU seconds per million URBs
     res["cpu_us_per_urb"] = round(cpu / urbs * 1e6, 3) if urbs > 0 else None
     res["cpu_s_per_gb"] = round(cpu / gb, 3) if gb > 0.001 else None
+    if ccpu0 is not None and ccpu1 is not None and window > 0:
+        # the generator's pid: utime + stime (``ip netns exec`` execs it, so the pid is the same)
+        ccpu = (int(ccpu1[11]) + int(ccpu1[12]) - int(ccpu0[11]) - int(ccpu0[12])) / CLK_TCK
+        res["client_cpu_frac"] = round(ccpu / window, 3)
+        res["client_cpu_us_per_urb"] = round(ccpu / urbs * 1e6, 3) if urbs > 0 else None
     return res
 
 
-METRICS = ("urbs_per_s", "mb_per_s", "p50_us", "p99_us", "cpu_us_per_urb", "cpu_s_per_gb", "server_cpu_frac")
+METRICS = (
+    "urbs_per_s",
+    "mb_per_s",
+    "p50_us",
+    "p99_us",
+    "cpu_us_per_urb",
+    "cpu_s_per_gb",
+    "server_cpu_frac",
+    "client_cpu_us_per_urb",
+    "client_cpu_frac",
+)
 
 
 def median_of(runs: list[dict[str, Any]], key: str) -> float | None:
@@ -391,15 +469,160 @@ def interleaved(
     warmup: float,
     prefix: Sequence[str] = (),
     host: str | None = None,
+    alternate: bool = False,
 ) -> CaseResult:
-    """``repeats`` rounds, each running the case once against every server in turn."""
+    """``repeats`` rounds, each running the case once against every server in turn
+    (in reverse order every other round with ``alternate``: A B, B A, A B, ...)."""
     result = CaseResult(case)
-    for _ in range(repeats):
-        for srv in servers:
+    for n in range(repeats):
+        for srv in reversed(servers) if alternate and n % 2 else servers:
             if not srv.alive():
-                raise RuntimeError(f"{srv.kind} server died: {srv.banner.decode(errors='replace')[-500:]}")
-            result.runs.setdefault(srv.kind, []).append(run_load(case, srv, seconds, warmup, prefix, host))
+                raise RuntimeError(f"{srv.key} server died: {srv.banner.decode(errors='replace')[-500:]}")
+            result.runs.setdefault(srv.key, []).append(run_load(case, srv, seconds, warmup, prefix, host))
     return result
+
+
+# ---------------------------------------------------------------- emulated gigabit link
+class LinkUnavailable(Exception):
+    """The emulated link cannot be built here (not root, no iproute2, no netns): skip."""
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check, timeout=30)
+
+
+def _tc(ns: str, dev: str, with_netem: bool) -> str:
+    """Shape ``dev`` in ``ns`` to gigabit; returns the qdisc description used."""
+    if with_netem:
+        spec = ["netem", "delay", "0.1ms", "rate", "1gbit", "24", "limit", "10000"]
+        r = subprocess.run(["tc", "-n", ns, "qdisc", "add", "dev", dev, "root", *spec], capture_output=True, text=True)
+        if r.returncode == 0:
+            return " ".join(spec)
+    spec = ["tbf", "rate", "1gbit", "burst", "32kb", "latency", "10ms", "overhead", "24"]
+    subprocess.run(
+        ["tc", "-n", ns, "qdisc", "add", "dev", dev, "root", *spec], capture_output=True, text=True, check=True
+    )
+    return " ".join(spec)
+
+
+@contextlib.contextmanager
+def netns_link() -> Iterator[dict[str, str]]:
+    """Two network namespaces joined by a veth pair shaped to 1 Gbit/s (see test_gigabit.py).
+
+    Yields {ns_server, ns_client, server, client (addresses), qdisc}; raises LinkUnavailable
+    (before yielding) when it cannot be built. Names are unique per call; the namespaces,
+    and with them the veth pair, are always removed.
+    """
+    if os.geteuid() != 0:
+        raise LinkUnavailable("needs root (network namespaces, tc)")
+    if shutil.which("ip") is None or shutil.which("tc") is None:
+        raise LinkUnavailable("needs iproute2 (ip, tc)")
+    if _ip("netns", "list", check=False).returncode != 0:
+        raise LinkUnavailable("ip netns does not work here")
+    tag = f"{os.getpid() % 100000:05d}{random.randrange(16**3):03x}"
+    ns_s, ns_c = f"ubench-{tag}-s", f"ubench-{tag}-c"
+    dev_s, dev_c = f"ub{tag}s", f"ub{tag}c"  # <= 15 characters
+    subnet = random.randrange(256)
+    addr_s, addr_c = f"10.213.{subnet}.1", f"10.213.{subnet}.2"
+    created: list[str] = []
+    try:
+        for ns in (ns_s, ns_c):
+            r = _ip("netns", "add", ns, check=False)
+            if r.returncode != 0:
+                raise LinkUnavailable(f"ip netns add failed: {r.stderr.strip()}")
+            created.append(ns)
+        # both ends are born inside the namespaces: nothing appears in ours
+        _ip("link", "add", dev_s, "netns", ns_s, "type", "veth", "peer", "name", dev_c, "netns", ns_c)
+        for ns, dev, addr in ((ns_s, dev_s, addr_s), (ns_c, dev_c, addr_c)):
+            _ip("-n", ns, "addr", "add", f"{addr}/30", "dev", dev)
+            _ip("-n", ns, "link", "set", "lo", "up")
+            _ip("-n", ns, "link", "set", dev, "up")
+        with_netem = not os.environ.get("USBIP_BENCH_NO_NETEM")
+        qdisc = _tc(ns_s, dev_s, with_netem)
+        _tc(ns_c, dev_c, with_netem)
+        yield {"ns_server": ns_s, "ns_client": ns_c, "server": addr_s, "client": addr_c, "qdisc": qdisc}
+    finally:
+        for ns in reversed(created):
+            _ip("netns", "del", ns, check=False)
+
+
+# ---------------------------------------------------------------- TLS against plain
+PLAIN = "plain"
+TLS = "tls"
+#: the figures compared TLS/plain (higher is better for the first two, lower for the others)
+TLS_METRICS = ("urbs_per_s", "mb_per_s", "p50_us", "p99_us", "cpu_us_per_urb", "cpu_s_per_gb", "client_cpu_us_per_urb")
+
+
+def tls_doc(result: CaseResult, link: str, **extra: Any) -> dict[str, Any]:
+    """One TLS case's JSON: medians of the plain and the TLS server, and every TLS/plain ratio."""
+    med = result.medians()
+    p, t = med.get(PLAIN, {}), med.get(TLS, {})
+    ratios = {k: round(t[k] / p[k], 3) for k in TLS_METRICS if p.get(k) and t.get(k) is not None}
+    case = result.case
+    return {
+        "link": link,
+        "case": case.name.removeprefix("pyclient "),
+        "mode": case.mode,
+        "size": case.size,
+        "inflight": case.inflight,
+        "client": case.client,
+        "metric": case.metric,
+        "medians": med,
+        "ratios": ratios,
+        "runs": result.runs,
+        **extra,
+    }
+
+
+def tls_rows(results: list[dict[str, Any]]) -> list[list[str]]:
+    """link | case | metric | plain | TLS | TLS/plain | server CPU us/URB plain, TLS, TLS/plain.
+
+    One row per headline figure: URB/s (small URBs), MB/s (64 KiB), p50 and p99 (control);
+    server CPU per URB on each case's first row.
+    """
+    head = ["link", "case", "metric", "plain", "TLS", "TLS/plain"]
+    rows = [[*head, "CPU us/URB plain", "CPU us/URB TLS", "CPU TLS/plain"]]
+    for r in results:
+        med, rat = r["medians"], r.get("ratios", {})
+        metrics = ["p50_us", "p99_us"] if r["metric"] == "p50_us" else [r["metric"]]
+        for n, m in enumerate(metrics):
+            cpu = [
+                fmt_num(med.get(PLAIN, {}).get("cpu_us_per_urb")),
+                fmt_num(med.get(TLS, {}).get("cpu_us_per_urb")),
+                f"{rat['cpu_us_per_urb']:.2f}" if "cpu_us_per_urb" in rat else "-",
+            ]
+            rows.append(
+                [
+                    r["link"] if n == 0 else "",
+                    r["case"] if n == 0 else "",
+                    metric_label(m),
+                    fmt_num(med.get(PLAIN, {}).get(m)),
+                    fmt_num(med.get(TLS, {}).get(m)),
+                    f"{rat[m]:.2f}" if m in rat else "-",
+                    *(cpu if n == 0 else ["", "", ""]),
+                ]
+            )
+    return rows
+
+
+TLS_NOTE = (
+    "Same usbipd (compiled, virtual loopback device) served plain and with --tls-cert, driven by the same "
+    "client (our `python -m usbip.bench`, with --tls-ca for TLS); interleaved runs, medians. "
+    "TLS/plain < 1 for URB/s and MB/s, > 1 for latency and CPU, is what TLS costs. "
+    "CPU: server utime+stime per URB (a 64 KiB URB for the MB/s rows)."
+)
+
+
+def tls_line(results: list[dict[str, Any]]) -> str:
+    """The TLS session's parameters (cipher, handshake time) as one line, from the first result that has them."""
+    info = next((r["tls"] for r in results if r.get("tls")), None)
+    if not info:
+        return ""
+    parts = [f"{info.get('version')} {info.get('cipher')}"]
+    if info.get("handshake_ms") is not None:
+        hs, conn = fmt_num(info["handshake_ms"]), fmt_num(info.get("connect_ms"))
+        parts.append(f"connect+handshake {hs} ms vs plain connect {conn} ms")
+    return "TLS session: " + ", ".join(parts)
 
 
 # ---------------------------------------------------------------- machine / output
@@ -454,7 +677,7 @@ def fmt_num(v: float | None) -> str:
 
 
 def metric_label(metric: str) -> str:
-    return {"urbs_per_s": "URB/s", "mb_per_s": "MB/s", "p50_us": "p50 us"}.get(metric, metric)
+    return {"urbs_per_s": "URB/s", "mb_per_s": "MB/s", "p50_us": "p50 us", "p99_us": "p99 us"}.get(metric, metric)
 
 
 def table_rows(results: list[dict[str, Any]]) -> list[list[str]]:
@@ -557,6 +780,7 @@ class E2EReporter:
         self.config = config
         self.results: list[dict[str, Any]] = []
         self.gigabit: list[dict[str, Any]] = []
+        self.tls: list[dict[str, Any]] = []
         self.settings: dict[str, Any] = {}
 
     @property
@@ -575,11 +799,12 @@ class E2EReporter:
             "settings": {**self.settings, "quick": self.quick},
             "results": self.results,
             "gigabit": self.gigabit,
+            "tls": self.tls,
             "targets": evaluate_targets(self.results),
         }
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
-        if not self.results and not self.gigabit:
+        if not self.results and not self.gigabit and not self.tls:
             return
         tr = terminalreporter
         doc = self.document()
@@ -601,6 +826,23 @@ class E2EReporter:
                 )
         for g in self.gigabit:
             tr.write_line(gigabit_line(g))
+        if self.tls:
+            tr.section("USB/IP over TLS against plain TCP: medians of interleaved runs" + quick)
+            for line in format_table(tls_rows(self.tls)).splitlines():
+                tr.write_line(line)
+            tr.write_line("(TLS/plain: < 1 for URB/s, MB/s and > 1 for latency, CPU is the cost of TLS)")
+            if self.tls_line():
+                tr.write_line(self.tls_line())
+            for r in self.tls:
+                med = {s: r["medians"].get(s, {}) for s in (PLAIN, TLS)}
+
+                def both(key: str, med: dict[str, dict[str, Any]] = med) -> str:
+                    return "/".join(fmt_num(m.get(key)) for m in med.values())
+
+                tr.write_line(
+                    f"{r['link']} {r['case']} (plain/TLS): client CPU {both('client_cpu_us_per_urb')} us/URB; "
+                    f"busy: server {both('server_cpu_frac')}, client {both('client_cpu_frac')} CPU s/s"
+                )
         paths = default_out_paths()
         if self.quick and not os.environ.get("USBIP_BENCH_OUT"):
             paths = [REPO / ".benchmarks" / "latest-quick.json"]
@@ -614,7 +856,7 @@ class E2EReporter:
                     old = json.loads(path.read_text())
                 except (OSError, ValueError):
                     old = {}
-                for part in ("results", "gigabit"):
+                for part in ("results", "gigabit", "tls"):
                     if not out[part] and old.get(part):
                         out[part] = old[part]
                 out["settings"] = {**old.get("settings", {}), **{k: v for k, v in doc["settings"].items()}}
@@ -624,6 +866,9 @@ class E2EReporter:
                 tr.write_line(f"wrote {path}")
             except OSError as exc:
                 tr.write_line(f"cannot write {path}: {exc}")
+
+    def tls_line(self) -> str:
+        return tls_line(self.tls)
 
 
 def gigabit_line(g: dict[str, Any]) -> str:
@@ -638,12 +883,12 @@ def gigabit_line(g: dict[str, Any]) -> str:
 
 
 @contextlib.contextmanager
-def started_servers(kinds: Sequence[str], **kw: Any) -> Iterator[list[ServerProc]]:
-    """Start one server of each kind (in order) and stop them all, whatever happens."""
+def started_servers(kinds: Sequence[str | ServerProc], **kw: Any) -> Iterator[list[ServerProc]]:
+    """Start one server of each kind (in order; or the ServerProc given) and stop them all, whatever happens."""
     started: list[ServerProc] = []
     try:
         for kind in kinds:
-            started.append(ServerProc(kind, **kw).start())
+            started.append((kind if isinstance(kind, ServerProc) else ServerProc(kind, **kw)).start())
         yield started
     finally:
         for srv in reversed(started):

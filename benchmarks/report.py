@@ -3,9 +3,10 @@
     python3 benchmarks/report.py [JSON] [--png PATH] [--readme README.md]
 
 JSON defaults to .benchmarks/latest.json (written by ``pytest benchmarks/test_e2e.py
---benchmark-only``); the PNG (default: next to the JSON, same name) needs matplotlib
-(``pip install cyusbip[plot]``) and is skipped with a message without it. The markdown
-goes to stdout, to be pasted into README.md.
+--benchmark-only``, test_gigabit.py and test_tls.py; each keeps the others' part). The
+PNG (default: next to the JSON, same name) needs matplotlib (``pip install cyusbip[plot]``)
+and is skipped with a message without it. The markdown goes to stdout, to be pasted into
+README.md; the TLS vs plain table (test_tls.py) follows the gigabit lines.
 """
 
 from __future__ import annotations
@@ -23,11 +24,14 @@ from _harness import (
     OURS,
     PURE,
     REPO,
+    TLS_NOTE,
     format_table,
     gigabit_line,
     machine_info,
     metric_label,
     table_rows,
+    tls_line,
+    tls_rows,
 )
 
 
@@ -69,6 +73,20 @@ def markdown(doc: dict[str, Any]) -> str:
         out.append("")
         for g in doc["gigabit"]:
             out.append("- " + gigabit_line(g).removeprefix("gigabit "))
+    if doc.get("tls"):
+        ts = s.get("tls") or {}
+        out.append("")
+        out.append("TLS vs plain:")
+        out.append("")
+        out.append(format_table(tls_rows(doc["tls"]), markdown=True))
+        out.append("")
+        line = tls_line(doc["tls"])
+        out.append(
+            TLS_NOTE
+            + f" Medians of {ts.get('repeats', '?')} runs of {ts.get('seconds', '?')} s per server."
+            + (f" {line}." if line else "")
+            + (" QUICK RUN: not a measurement." if ts.get("quick", s.get("quick")) else "")
+        )
     out.append("")
     out.append(machine_note(doc.get("machine") or machine_info()))
     return "\n".join(out)

@@ -41,6 +41,8 @@ _HANGUP_EVENTS = getattr(select, "POLLRDHUP", 0) | select.POLLHUP | select.POLLE
 # why reading is paused (a bit each; reading runs when none is set)
 PAUSED_OUTPUT = 1  # more than high_water bytes queued for a peer that does not read
 PAUSED_CONSUMER = 2  # the consumer asked (e.g. the server's per-connection memory budget is spent)
+TLS_DIRECT_WRITE = 16 * 1024  # TLS: buffers this large are encrypted as they are, smaller ones joined
+TLS_OUT_CHUNK = 64 * 1024  # TLS: records are taken out of the BIO in pieces of this size
 PAUSED_ADMIT = 4  # the consumer has not admitted the large body the decoder waits for yet
 ADMIT_THRESHOLD = 64 * 1024  # bodies this large are admitted (``admit``) before their buffer exists
 
@@ -212,9 +214,10 @@ class Stream:
         raw = memoryview(self._raw)
         self._in_read = True
         try:
+            # bytes read earlier (the op phase, or before a pause) wait inside TLS
+            if (incoming.pending or self.tls.tls.pending()) and (not self._decrypt() or not self._reading):
+                return
             for _ in range(READS_PER_WAKEUP):
-                if not self._decrypt() or not self._reading:
-                    break
                 try:
                     n = self.sock.recv_into(raw)
                 except (BlockingIOError, InterruptedError):
@@ -229,6 +232,9 @@ class Stream:
                     return
                 self.bytes_in += n
                 incoming.write(raw[:n])
+                # decrypt every read at once: nothing stays in the BIO for a wakeup that never comes
+                if not self._decrypt() or not self._reading or n < len(raw):
+                    break
         finally:
             self._in_read = False
         if not self.closed:
@@ -319,25 +325,42 @@ class Stream:
         self._send()
 
     def _encrypt(self) -> None:
-        """TLS: the queued replies as one TLS write; its records join the ciphertext to send."""
+        """TLS: the queued replies as TLS records appended to the ciphertext to send.
+
+        Large buffers go to TLS as they are and small ones are joined in runs, and the records
+        are taken out in TLS_OUT_CHUNK pieces: no half-megabyte join or read per batch, whose
+        allocations (mmap/munmap, page faults) cost more than the encryption itself.
+        """
         assert self.tls is not None
+        nbytes = 0
         if self._plain:
             plain = self._plain
-            data = plain[0] if len(plain) == 1 else b"".join(plain)
             self._plain = []
             nbytes = self._plain_bytes
             self._plain_bytes = 0
+            write = self.tls.tls.write
+            run: list[Any] = []
             try:
-                self.tls.tls.write(data)
+                for item in plain:
+                    if (item.nbytes if isinstance(item, memoryview) else len(item)) >= TLS_DIRECT_WRITE:
+                        if run:
+                            write(run[0] if len(run) == 1 else b"".join(run))
+                            run = []
+                        write(item)
+                    else:
+                        run.append(item)
+                if run:
+                    write(run[0] if len(run) == 1 else b"".join(run))
             except ssl.SSLError as exc:
                 self.close(ConnectionError(f"TLS stream broken: {exc.reason or exc}"))
                 return
-        else:
-            nbytes = 0
-        if self.tls.outgoing.pending:
-            records = self.tls.outgoing.read()
+        outgoing = self.tls.outgoing
+        produced = 0
+        while outgoing.pending:
+            records = outgoing.read(TLS_OUT_CHUNK)
             self._out.append(records)
-            self._out_bytes += len(records) - nbytes
+            produced += len(records)
+        self._out_bytes += produced - nbytes
 
     def _send(self) -> None:
         if self.tls is not None:
