@@ -106,6 +106,15 @@ cdef class BufferPool:
         if buf.exports == 0:
             self._recycle(buf)
 
+    cpdef abandon(self, PoolBuffer buf):
+        """Give ``buf`` up for good: it counts as released but is never reused (a device may still
+        write into it, e.g. a transfer the kernel has not finished when its session gave up)."""
+        if buf.released or buf.pool is not self:
+            return
+        buf.released = True
+        buf.pool = None
+        self.outstanding -= 1
+
     cdef _recycle(self, PoolBuffer buf):
         cdef list free_list
         # buf.pool may hold the last reference to this pool (a view released after the

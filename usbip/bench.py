@@ -239,12 +239,15 @@ async def run_matrix(
     quick: bool = False,
     progress: bool = True,
     tls: ssl.SSLContext | None = None,
+    capture: Any = None,
 ) -> dict[str, Any]:
-    """Import ``busid`` from ``host:port`` and run the matrix; returns the JSON document."""
+    """Import ``busid`` from ``host:port`` and run the matrix; returns the JSON document.
+
+    With ``capture`` (a :class:`usbip.capture.CaptureFile`) every URB is written to it."""
     from .client import connect
     from .protocol import IMPLEMENTATION
 
-    async with connect(host, port, tls=tls) as conn:
+    async with connect(host, port, tls=tls, capture=capture) as conn:
         dev = await conn.import_device(busid)
         bulk_in, bulk_out = first_bulk_endpoints(dev.endpoints())
         cases = plan(bulk_in, bulk_out, quick)
@@ -309,6 +312,7 @@ def bench_command(
     quick: bool,
     as_json: bool,
     tls: ssl.SSLContext | None = None,
+    capture: Any = None,
 ) -> int:
     """``usbip bench``: the exit code (see :mod:`usbip.cli.exitcodes`)."""
     import logging
@@ -326,7 +330,7 @@ def bench_command(
         return exitcodes.USAGE
     warmup = 0.02 if quick else min(0.3, seconds)
     try:
-        doc = asyncio.run(run_matrix(host, port, busid, seconds, warmup, quick, tls=tls))
+        doc = asyncio.run(run_matrix(host, port, busid, seconds, warmup, quick, tls=tls, capture=capture))
     except (ImportRefused, TlsFailed) as exc:
         log.error("%s: %s", host, exc)
         return exitcodes.REFUSED

@@ -73,6 +73,15 @@ class BufferPool:
             free_list.append(buf)
             self.cached_bytes += buf.capacity
 
+    def abandon(self, buf: PoolBuffer) -> None:
+        """Give ``buf`` up for good: it counts as released but is never reused (a device may
+        still write into it)."""
+        if getattr(buf, "released", True) or getattr(buf, "pool", None) is not self:
+            return
+        buf.released = True
+        buf.pool = None
+        self.outstanding -= 1
+
     @property
     def cached(self) -> int:
         return sum(len(v) for v in self._free.values())

@@ -6,8 +6,10 @@ import asyncio
 import math
 import socket
 
+from .errors import CyusbipError
 
-class PeerClosed(ConnectionError):
+
+class PeerClosed(CyusbipError, ConnectionError):
     """The peer closed the connection before a whole message arrived."""
 
 

@@ -14,12 +14,13 @@ import asyncio
 import socket
 import ssl
 
+from .errors import CyusbipError
 from .netio import PeerClosed
 
 RECV_SIZE = 256 * 1024
 
 
-class TlsError(ConnectionError):
+class TlsError(CyusbipError, ConnectionError):
     """A TLS handshake failed or a TLS stream broke (wrong certificate, not TLS at all, ...)."""
 
 
@@ -113,7 +114,39 @@ class TlsChannel:
     async def _flush(self) -> None:
         data = self.outgoing.read()
         if data:
-            await asyncio.get_running_loop().sock_sendall(self.sock, data)
+            try:
+                await asyncio.get_running_loop().sock_sendall(self.sock, data)
+            except (ConnectionResetError, BrokenPipeError) as exc:
+                alert = self._alert_before_reset()
+                if alert is not None:
+                    raise alert from exc
+                raise
+
+    def _alert_before_reset(self) -> TlsError | None:
+        """After a send failed on a reset: the alert the peer sent before it, if any.
+
+        A server that refuses our certificate may send its alert and then reset the
+        connection (stunnel does: it closes with SO_LINGER 0); our next send then fails with
+        ECONNRESET although the alert, which says why, is still queued on the socket.
+        """
+        try:
+            while True:
+                data = self.sock.recv(RECV_SIZE)
+                if not data:
+                    break
+                self.incoming.write(data)
+        except OSError:
+            pass
+        try:
+            if self.tls.version() is None:  # still in the handshake
+                self.tls.do_handshake()
+            else:
+                self.tls.read(1)
+        except (ssl.SSLWantReadError, ssl.SSLZeroReturnError, ssl.SSLEOFError):
+            return None
+        except ssl.SSLError as exc:
+            return TlsError(f"TLS failed: {describe_error(exc)}")
+        return None
 
     async def _fill(self) -> None:
         data = await asyncio.get_running_loop().sock_recv(self.sock, RECV_SIZE)
@@ -130,6 +163,9 @@ class TlsChannel:
                 try:
                     self.tls.do_handshake()
                     break
+                except (ssl.SSLEOFError, ssl.SSLZeroReturnError):
+                    # closed before a byte of TLS: a port probe or health check, not a failed handshake
+                    raise PeerClosed("connection closed during the TLS handshake") from None
                 except ssl.SSLWantReadError:
                     await self._flush()
                     if self.incoming.eof:

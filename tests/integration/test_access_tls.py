@@ -283,3 +283,17 @@ def test_usbip_list_over_tls_exit_codes(pki: dict[str, str]) -> None:
             assert missing.returncode == 2 and "cannot load the TLS" in missing.stderr
 
     run(body)
+
+
+def test_a_port_probe_is_not_a_failed_handshake(pki: dict[str, str], caplog: pytest.LogCaptureFixture) -> None:
+    async def body() -> None:
+        async with Server(devices(), host="127.0.0.1", port=0, tls=server_context(pki["server"])) as srv:
+            for _ in range(3):
+                _reader, w = await open_from("127.0.0.1", srv.port)
+                w.close()
+            assert await wait_until(lambda: srv.connections_total == 3 and idle(srv))
+
+    with caplog.at_level(logging.INFO, "usbip.server.server"):
+        run(body)
+    assert "TLS handshake failed" not in caplog.text
+    assert "connection closed during the TLS handshake" in caplog.text

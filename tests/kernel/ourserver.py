@@ -28,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -53,14 +54,16 @@ def _pdeathsig() -> None:  # in the child between fork and exec: die with the te
 class UsbipdProcess:
     """OUR usbipd running on the host (127.0.0.1:port), with a log file."""
 
-    def __init__(self, specs: list[str], log_path: Path, port: int | None = None) -> None:
+    def __init__(self, specs: list[str], log_path: Path, port: int | None = None, args: Sequence[str] = ()) -> None:
         self.specs = list(specs)
+        self.args = list(args)  # more usbipd options (--tls-cert PEM, --allow-device ...)
         self.port = port or free_port()
         self.log_path = Path(log_path)
         self.killed = False  # set by kill(): teardown then does not expect exit status 0
         cmd = [sys.executable, "-m", "usbip.cli.usbipd_main", "--host", "127.0.0.1", "-t", str(self.port), "-d"]
         for s in self.specs:
             cmd += ["--virtual", s]
+        cmd += self.args
         self.cmd = cmd
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
@@ -157,7 +160,8 @@ _PLUGIN_NAME = "cyusbip-ourserver-logs"
 @pytest.fixture(name="our_usbipd")
 def our_usbipd_fixture(request, tmp_path):
     """Factory: ``srv = our_usbipd("loopback", "keyboard:hi")`` starts OUR usbipd on
-    127.0.0.1:<free port> and waits until it listens. Teardown: SIGTERM, exit 0."""
+    127.0.0.1:<free port> and waits until it listens; ``args=[...]`` adds usbipd options
+    (``--tls-cert PEM``, ...). Teardown: SIGTERM, exit 0."""
     pm = request.config.pluginmanager
     attacher = pm.get_plugin(_PLUGIN_NAME)
     if attacher is None:
@@ -165,8 +169,8 @@ def our_usbipd_fixture(request, tmp_path):
         pm.register(attacher, _PLUGIN_NAME)
     started: list[UsbipdProcess] = attacher.by_item.setdefault(request.node.nodeid, [])
 
-    def start(*specs: str) -> UsbipdProcess:
-        srv = UsbipdProcess(list(specs), tmp_path / f"usbipd-{len(started) + 1}.log")
+    def start(*specs: str, args: Sequence[str] = ()) -> UsbipdProcess:
+        srv = UsbipdProcess(list(specs), tmp_path / f"usbipd-{len(started) + 1}.log", args=args)
         started.append(srv)
         return srv.wait_ready()
 

@@ -324,3 +324,23 @@ def test_record_encoding_bounds() -> None:
     dev = records.DeviceRecord.unpack(_record())
     with pytest.raises(ValueError, match="bNumInterfaces"):
         dev.pack(with_interfaces=True)  # 1 declared, 0 given
+
+
+def test_every_error_cyusbip_raises_has_one_root() -> None:
+    import asyncio
+
+    import usbip
+    from usbip.backends.usbdev import EnumerationError
+    from usbip.cli.config import ConfigError
+    from usbip.client import BadReply, Disconnected, ImportRefused, Timeout, TlsFailed, TransferError, UsbipError
+    from usbip.netio import PeerClosed
+    from usbip.tls import TlsError
+    from usbip.vhci.driver import VhciError
+    from usbip.virtual.framework import UsbError
+
+    for cls in (usbip.ProtocolError, UsbipError, BadReply, Disconnected, ImportRefused, Timeout, TlsFailed,
+                TransferError, PeerClosed, TlsError, VhciError, EnumerationError, ConfigError, UsbError):  # fmt: skip
+        assert issubclass(cls, usbip.CyusbipError), cls
+    # and each keeps the builtin kind callers may catch
+    assert issubclass(Timeout, asyncio.TimeoutError) and issubclass(VhciError, OSError)
+    assert issubclass(PeerClosed, ConnectionError) and issubclass(ConfigError, ValueError)

@@ -338,3 +338,25 @@ def test_shutdown_forgets_the_backlog(pool_cls: Any) -> None:
         h.submit(1, True, 1 * MiB)
     asyncio.run(h.session.shutdown(1.0))
     assert not h.session.pending and not h.session.backlog and pool.outstanding == 0
+
+
+class Stuck(Parking):
+    """Ignores cancels: its transfers end when the hardware says so (here: never)."""
+
+    def cancel(self, urb: Urb) -> None:
+        pass
+
+
+@POOLS
+def test_buffers_of_urbs_given_up_on_are_never_reused(pool_cls: Any) -> None:
+    import asyncio
+
+    dev = Stuck()
+    pool = pool_cls()
+    h = Harness(dev, pool, limits=LIMITS)
+    seq = h.submit(1, True, 4096)
+    stuck = dev.parked[seq].buffer
+    asyncio.run(h.session.shutdown(0.05))
+    assert not h.session.pending and pool.outstanding == 0
+    # the device may still write into it: no later URB (of any client) gets that memory
+    assert all(pool.acquire(4096) is not stuck for _ in range(4))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..errors import CyusbipError
 from ..protocol.constants import Speed
 from .state import DeviceIdentity
 
@@ -20,7 +21,7 @@ SOURCE_SYSFS = "sysfs"
 SOURCE_LIBUSB = "libusb"
 
 
-class EnumerationError(RuntimeError):
+class EnumerationError(CyusbipError, RuntimeError):
     """The devices cannot be listed at all (libusb missing or failing to initialise)."""
 
 

@@ -22,6 +22,8 @@ import re
 import sys
 from typing import Any
 
+from ..errors import CyusbipError
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
@@ -31,7 +33,7 @@ else:  # pragma: no cover - Python 3.10
 NOT_IN_FILE = {"help", "version", "config"}
 
 
-class ConfigError(ValueError):
+class ConfigError(CyusbipError, ValueError):
     """The configuration file cannot be used: the message names the file, line and key."""
 
 

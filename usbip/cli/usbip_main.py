@@ -11,6 +11,7 @@ import sys
 from typing import Any
 
 from .. import __version__
+from ..capture import add_capture_options
 from ..protocol.constants import USBIP_PORT
 from ..tls import client_context
 from . import exitcodes
@@ -80,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="the vhci port to use (must be free; `usbip port` numbering); default: the first free one",
     )
+    at.add_argument(
+        "--persist",
+        action="store_true",
+        help="keep the import alive: a supervisor process re-imports the device whenever the connection "
+        "drops (backoff 1 s to 30 s; log in /var/run/vhci_hcd/persist.log) until `usbip detach`",
+    )
 
     de = sub.add_parser("detach", help="detach an imported device from a vhci-hcd port")
     de.add_argument("-p", "--port", type=int, required=True)
@@ -106,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("-b", "--busid", required=True)
     be.add_argument("--seconds", type=float, default=None, metavar="S", help="measured seconds per case (default 1)")
     be.add_argument("--quick", action="store_true", help="0.1 s per case: a smoke test, not a measurement")
+    add_capture_options(be, "every URB of the benchmark")
 
     sub.add_parser("version", help="print the version")
     return p
@@ -243,6 +251,7 @@ def cmd_attach(args: argparse.Namespace) -> int:
         port=args.port,
         tls=args.tls_context,
         server_hostname=args.tls_server_name,
+        persist=args.persist,
     )
 
 
@@ -306,8 +315,20 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from ..bench import bench_command
+    from ..capture import capture_from_args
 
-    return bench_command(args.remote, args.tcp_port, args.busid, args.seconds, args.quick, args.json, args.tls_context)
+    try:
+        capture = capture_from_args(args, "usbip bench")
+    except (ValueError, OSError) as exc:
+        log.error("%s", exc)
+        return exitcodes.USAGE
+    try:
+        return bench_command(
+            args.remote, args.tcp_port, args.busid, args.seconds, args.quick, args.json, args.tls_context, capture
+        )
+    finally:
+        if capture is not None:
+            capture.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,7 @@ import tempfile
 from .. import __version__
 from ..backends.discovery import MODES
 from ..backends.discovery import resolve as resolve_enumeration
+from ..capture import CaptureFile, add_capture_options, capture_from_args
 from ..protocol.constants import USBIP_PORT
 from ..server.access import AccessPolicy
 from ..server.limits import MiB, ServerLimits
@@ -119,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-announce", action="store_true", help="do not announce the server on the LAN (mDNS _usbip._tcp)"
     )
+    add_capture_options(p.add_argument_group("capture (see README: Capturing traffic)"))
     lim = p.add_argument_group("limits (what one client may cost; see usbip/server/limits.py)")
     d = ServerLimits()
     lim.add_argument(
@@ -229,6 +231,19 @@ def _loopback_only(host: str | None) -> bool:
 
 
 async def _run(args: argparse.Namespace) -> int:
+    try:
+        capture = capture_from_args(args, "usbipd")
+    except (ValueError, OSError) as exc:
+        log.error("%s", exc)
+        return exitcodes.USAGE
+    try:
+        return await _run_server(args, capture)
+    finally:
+        if capture is not None:
+            capture.close()  # what is buffered reaches the file
+
+
+async def _run_server(args: argparse.Namespace, capture: CaptureFile | None) -> int:
     from ..server import Server
     from ..virtual import demo_devices, make_device
 
@@ -260,7 +275,16 @@ async def _run(args: argparse.Namespace) -> int:
             log.error("%s", exc)
             return exitcodes.USAGE
     family = socket.AF_INET if args.ipv4 else socket.AF_INET6 if args.ipv6 else socket.AF_UNSPEC
-    server = Server(devices, host=args.host, port=args.tcp_port, family=family, limits=limits, access=access, tls=tls)
+    server = Server(
+        devices,
+        host=args.host,
+        port=args.tcp_port,
+        family=family,
+        limits=limits,
+        access=access,
+        tls=tls,
+        capture=capture,
+    )
     if not _loopback_only(args.host) and not access.restricted and tls is None:
         log.warning(
             "listening beyond loopback with no --allow rule and no TLS: any host that reaches port %d can "
@@ -337,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.debug, "usbipd")
     # `kill -USR1 <pid>`: every thread's Python stack on stderr (a stuck libusb call, a hang)
     faulthandler.register(signal.SIGUSR1, all_threads=True)
+    if args.capture:
+        args.capture = os.path.abspath(args.capture)  # --daemon changes to /
     if args.daemon:
         _daemonize()
     if args.pid:

@@ -13,6 +13,7 @@ from .errors import (
     TransferError,
     UsbipError,
 )
+from .reconnect import ReconnectPolicy
 from .remote import PendingUrb, RemoteDevice, UrbResult
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "ImportRefused",
     "Overloaded",
     "PendingUrb",
+    "ReconnectPolicy",
     "RemoteDevice",
     "Stall",
     "Timeout",

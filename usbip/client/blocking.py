@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from ..protocol.constants import USBIP_PORT
 from ..protocol.records import DeviceRecord
 from .connection import Connection
+from .reconnect import ReconnectPolicy
 from .remote import RemoteDevice, UrbResult
 
 T = TypeVar("T")
@@ -98,9 +99,11 @@ class BlockingConnection:
     def list_devices(self) -> list[DeviceRecord]:
         return self._run.call(self._conn.list_devices())
 
-    def import_device(self, busid: str) -> BlockingDevice:
+    def import_device(self, busid: str, reconnect: ReconnectPolicy | None = None) -> BlockingDevice:
+        """``reconnect``: see :meth:`Connection.import_device`."""
+
         async def imp() -> RemoteDevice:
-            return await self._conn.import_device(busid)
+            return await self._conn.import_device(busid, reconnect=reconnect)
 
         return BlockingDevice(self._run, self._run.call(imp()))
 

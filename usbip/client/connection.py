@@ -14,6 +14,7 @@ import ssl
 from collections.abc import Iterator
 from types import TracebackType
 
+from ..capture import CaptureFile
 from ..netio import DEAD_PEER_TIMEOUT, PlainChannel, apply_dead_peer_timeout, set_nodelay
 from ..protocol import ProtocolError
 from ..protocol.constants import (
@@ -37,6 +38,7 @@ from ..protocol.records import (
 )
 from ..tls import TlsChannel, TlsError
 from .errors import BadReply, Disconnected, ImportRefused, Timeout, TlsFailed, UsbipError
+from .reconnect import ReconnectPolicy
 from .remote import RemoteDevice
 
 
@@ -113,7 +115,9 @@ class Connection:
     """A USB/IP server at ``host:port``. Use ``async with usbip.connect(host) as conn``.
 
     With ``tls`` (a client ``ssl.SSLContext``, see ``usbip.tls.client_context``) every
-    connection is TLS, checked against ``server_hostname`` (default: ``host``).
+    connection is TLS, checked against ``server_hostname`` (default: ``host``). With ``capture``
+    (a :class:`usbip.capture.CaptureFile`, which the caller closes) the URBs of every device
+    imported are written to it.
     """
 
     def __init__(
@@ -123,6 +127,7 @@ class Connection:
         timeout: float = 10.0,
         tls: ssl.SSLContext | None = None,
         server_hostname: str | None = None,
+        capture: CaptureFile | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -130,6 +135,7 @@ class Connection:
         self.tls = tls
         self.server_hostname = server_hostname or host
         self._devices: list[RemoteDevice] = []
+        self.capture = capture
 
     async def _open(self, deadline: _Deadline) -> Channel:
         """Connect (errors stay OSErrors) and, with TLS, run the handshake."""
@@ -225,18 +231,28 @@ class Connection:
                 sock.close()
                 raise
 
-    async def import_device(self, busid: str, read_descriptors: bool = True, configure: bool = True) -> RemoteDevice:
+    async def import_device(
+        self,
+        busid: str,
+        read_descriptors: bool = True,
+        configure: bool = True,
+        reconnect: ReconnectPolicy | None = None,
+    ) -> RemoteDevice:
         """Import ``busid`` and drive it from user space (no kernel driver, no root).
 
         The kernel's usbip-host exports devices unconfigured (unbinding the generic
         USB driver sets configuration 0); with ``configure`` an unconfigured device
         gets SET_CONFIGURATION with its first configuration, as a host would do.
+        With ``reconnect`` the device is imported again whenever the connection drops
+        (see :meth:`RemoteDevice.enable_reconnect`).
         """
         ch, record = await self.import_channel(busid)
-        dev = RemoteDevice(ch.sock, record, tls=ch if isinstance(ch, TlsChannel) else None)
+        dev = RemoteDevice(ch.sock, record, tls=ch if isinstance(ch, TlsChannel) else None, capture=self.capture)
         # a long-lived Connection keeps only the devices still open (each holds its receive buffer)
         self._devices = [d for d in self._devices if not d.closed]
         self._devices.append(dev)
+        if reconnect is not None:
+            dev.enable_reconnect(reconnect, lambda: self._reimport(busid))
         try:
             if read_descriptors or configure:
                 await dev.read_descriptors()
@@ -247,6 +263,10 @@ class Connection:
             raise
         return dev
 
+    async def _reimport(self, busid: str) -> tuple[socket.socket, DeviceRecord, TlsChannel | None]:
+        ch, record = await self.import_channel(busid)
+        return ch.sock, record, ch if isinstance(ch, TlsChannel) else None
+
 
 def connect(
     host: str,
@@ -254,6 +274,7 @@ def connect(
     timeout: float = 10.0,
     tls: ssl.SSLContext | None = None,
     server_hostname: str | None = None,
+    capture: CaptureFile | None = None,
 ) -> Connection:
-    """``async with usbip.connect(host, port) as conn: ...`` (``tls``: see :class:`Connection`)."""
-    return Connection(host, port, timeout, tls, server_hostname)
+    """``async with usbip.connect(host, port) as conn: ...`` (``tls``, ``capture``: see :class:`Connection`)."""
+    return Connection(host, port, timeout, tls, server_hostname, capture)

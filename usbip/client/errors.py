@@ -13,6 +13,7 @@ import asyncio
 import errno
 import os
 
+from ..errors import CyusbipError
 from ..protocol.constants import OpStatus
 from ..protocol.errors import ProtocolError
 
@@ -42,7 +43,7 @@ def status_text(status: int) -> str:
     return f"status {status} (not a negative errno)"
 
 
-class UsbipError(Exception):
+class UsbipError(CyusbipError):
     """Base class of client-side errors."""
 
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import logging
 import socket
 import struct
-from collections.abc import Generator, Sequence
+from collections.abc import Awaitable, Callable, Generator, Sequence
 from typing import Any
 
+from ..capture import CaptureFile
 from ..descriptors import DT_CONFIG, DT_DEVICE, endpoints, parse_device_descriptor
 from ..protocol import (
     HEADER_SIZE,
@@ -23,7 +26,8 @@ from ..protocol import (
 )
 from ..protocol.constants import DEFAULT_MAX_TRANSFER, ECONNRESET, URB_ISO_ASAP, USBIP_RET_UNLINK
 from ..stream import Stream, TlsSession
-from .errors import BadReply, Disconnected, Overloaded, Timeout, transfer_error
+from .errors import BadReply, Disconnected, Overloaded, Timeout, UsbipError, transfer_error
+from .reconnect import Backoff, ReconnectPolicy
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +39,9 @@ UNLINK_TIMEOUT = 5.0  # how long a cancelled URB waits for the server's RET_UNLI
 MAX_IN_FLIGHT = 4096
 MAX_QUEUED = 64 * 1024 * 1024  # bytes written but not yet taken by the socket
 MAX_TRANSFER_LENGTH = 0x7FFFFFFF  # transfer_buffer_length is a signed 32-bit field
+#: the device a task is restoring after a re-import: its URBs go out while the device's users wait
+_RESTORING: contextvars.ContextVar[RemoteDevice | None] = contextvars.ContextVar("usbip_restoring", default=None)
+Reimport = Callable[[], Awaitable[tuple[socket.socket, DeviceRecord, TlsSession | None]]]
 
 
 class UrbResult:
@@ -124,6 +131,7 @@ class RemoteDevice:
         max_in_flight: int = MAX_IN_FLIGHT,
         max_queued: int = MAX_QUEUED,
         tls: TlsSession | None = None,
+        capture: CaptureFile | None = None,
     ) -> None:
         self.loop = loop or asyncio.get_running_loop()
         self.record = record
@@ -143,6 +151,26 @@ class RemoteDevice:
         self.close_reason: BaseException | None = None
         self.device_descriptor: dict[str, int] | None = None
         self.configuration_descriptor: bytes | None = None
+        # what a re-import restores (set_configuration / set_interface keep these)
+        self.configuration = record.bConfigurationValue
+        self._alt_settings: dict[int, int] = {}
+        # reconnecting (enable_reconnect): URBs submitted while the device is away wait in _parked
+        self._max_transfer = max_transfer
+        self.reconnect_policy: ReconnectPolicy | None = None
+        self.reconnects = 0  # re-imports that brought the device back
+        self._reimport: Reimport | None = None
+        self._backoff: Backoff | None = None
+        self._reconnect_task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._away = False
+        self._back = asyncio.Event()
+        self._back.set()
+        self._connected_at = self.loop.time()
+        self._parked: dict[PendingUrb, tuple[tuple[Any, ...], int, asyncio.TimerHandle]] = {}
+        self._parked_bytes = 0
+        self._unparking: PendingUrb | None = None
+        # with a capture (usbip.capture) every URB submitted and its completion are recorded
+        self._capture = None if capture is None else capture.client_session(record.busnum, record.devnum)
 
     # ------------------------------------------------------------ context
     async def __aenter__(self) -> RemoteDevice:
@@ -152,7 +180,16 @@ class RemoteDevice:
         await self.close()
 
     async def close(self) -> None:
+        self._closing = True
+        task = self._reconnect_task
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         self._stream.close(None)
+        self.closed = True  # also when the connection was down already
+        self._fail_parked(Disconnected(f"{self.busid}: closed while away"))
+        self._back.set()
 
     @property
     def in_flight(self) -> int:
@@ -180,8 +217,9 @@ class RemoteDevice:
         """
         if self.closed:
             raise Disconnected(f"connection to {self.busid} is closed: {self.close_reason}")
-        if len(self._pending) >= self.max_in_flight:
-            raise Overloaded(f"{self.busid}: {len(self._pending)} URBs in flight (limit {self.max_in_flight})")
+        if len(self._pending) + len(self._parked) >= self.max_in_flight:
+            n = len(self._pending) + len(self._parked)
+            raise Overloaded(f"{self.busid}: {n} URBs in flight (limit {self.max_in_flight})")
         ep = endpoint & 0x0F
         direction = USBIP_DIR_IN if endpoint & 0x80 else USBIP_DIR_OUT
         if ep == 0 and len(setup) == 8:
@@ -214,12 +252,16 @@ class RemoteDevice:
             np = len(iso)
             transfer_flags |= URB_ISO_ASAP
         nbytes = HEADER_SIZE + (length if payload is not None else 0) + np * 16
+        if self._away and _RESTORING.get() is not self:  # sent once the device is back (or failed)
+            args = (endpoint, data_or_length, setup, transfer_flags, iso_packets, interval, start_frame)
+            return self._park(PendingUrb(self, 0, direction, length, iso), args, nbytes)
         queued = self._stream.queued
         if queued and queued + nbytes > self.max_queued:
             # the server is not reading (or far slower than we write): do not pile up more
             raise Overloaded(f"{self.busid}: {queued} bytes wait to be sent (limit {self.max_queued})")
         seqnum = self._next_seqnum()
-        urb = PendingUrb(self, seqnum, direction, length, iso)
+        urb = self._unparking or PendingUrb(self, seqnum, direction, length, iso)
+        urb.seqnum = seqnum
         hdr = bytearray(HEADER_SIZE)
         pack_cmd_submit(
             hdr, 0, seqnum, self.devid, direction, ep, transfer_flags, length, start_frame, np, interval, setup
@@ -231,6 +273,19 @@ class RemoteDevice:
             parts.append(iso.to_bytes())
         self._pending[seqnum] = urb
         self._decoder.expect(seqnum, length if direction == USBIP_DIR_IN else -1)
+        if self._capture is not None:
+            self._capture.submit(
+                seqnum,
+                ep | (0x80 if direction == USBIP_DIR_IN else 0),
+                setup,
+                transfer_flags,
+                length,
+                payload,
+                iso,
+                interval,
+                start_frame,
+                self.configuration_descriptor,
+            )
         self._stream.write(parts, nbytes)
         return urb
 
@@ -332,15 +387,20 @@ class RemoteDevice:
 
     async def set_configuration(self, value: int) -> None:
         await self.control_transfer(0x00, 9, value, 0)
+        self.configuration = value
+        self._alt_settings.clear()
 
     async def set_interface(self, interface: int, alt: int) -> None:
         await self.control_transfer(0x01, 11, alt, interface)
+        self._alt_settings[interface] = alt
 
     async def clear_halt(self, endpoint: int) -> None:
         await self.control_transfer(0x02, 1, 0, endpoint)
 
     # ------------------------------------------------------------ unlink
     def _send_unlink(self, urb: PendingUrb) -> None:
+        if self._unpark_cancelled(urb):
+            return
         urb.unlinked = True
         unlinks = self._unlinks
         if len(unlinks) > 2 * len(self._pending) + 64:
@@ -355,7 +415,7 @@ class RemoteDevice:
         self._stream.write([hdr], HEADER_SIZE)
 
     async def _unlink(self, urb: PendingUrb) -> None:
-        if self.closed:
+        if self._unpark_cancelled(urb) or self.closed:
             return
         if not urb.unlinked:
             self._send_unlink(urb)
@@ -374,6 +434,7 @@ class RemoteDevice:
         self._stream.close(BadReply(f"{self.busid}: seqnum {urb.seqnum}: {text}"))
 
     def _on_messages(self, msgs: list[Any]) -> None:
+        capture = self._capture
         for msg in msgs:
             if self.closed:
                 return
@@ -386,6 +447,8 @@ class RemoteDevice:
             res = self._result(urb, msg)
             if res is None:
                 return
+            if capture is not None:
+                capture.complete(msg.seqnum, res)
             if not urb.future.done():
                 urb.future.set_result(res)
 
@@ -401,6 +464,8 @@ class RemoteDevice:
         if target is not None:
             # cancelled before it completed: no RET_SUBMIT will follow
             self._decoder.forget(target_seq)
+            if self._capture is not None:
+                self._capture.ended(target_seq, msg.status or ECONNRESET)
             if not target.future.done():
                 target.future.set_result(UrbResult(msg.status or ECONNRESET, 0, None, target.iso))
 
@@ -454,19 +519,186 @@ class RemoteDevice:
             bad = BadReply(f"{self.busid}: {exc}")
             bad.__cause__ = exc
             exc = bad
-        self.closed = True
+        reconnect = self.reconnect_policy is not None and not self._closing
+        self.closed = not reconnect
         self.close_reason = exc
-        if exc is not None:
-            log.warning("%s: connection ended: %s", self.busid, exc)
+        if exc is not None or reconnect:
+            log.warning("%s: connection ended: %s", self.busid, exc or "closed by the server")
         err = Disconnected(f"connection to {self.busid} ended" + (f": {exc}" if exc else ""))
         err.__cause__ = exc
         pending = list(self._pending.values())
+        if self._capture is not None:
+            self._capture.disconnected()
         self._pending.clear()
         self._unlinks.clear()
         for urb in pending:
             if not urb.future.done():
                 urb.future.set_exception(err)
                 urb.future.exception()  # mark retrieved: nobody may be awaiting it
+        if reconnect:
+            self._went_away()
+        else:
+            self._fail_parked(err)
+
+    # ------------------------------------------------------------ reconnecting
+    def enable_reconnect(self, policy: ReconnectPolicy, reimport: Reimport) -> None:
+        """Import the device again with ``reimport`` whenever its connection drops, as ``policy`` says.
+
+        ``Connection.import_device(busid, reconnect=policy)`` sets this up. When the connection
+        drops, the URBs in flight fail with :class:`Disconnected`; URBs submitted while the
+        device is away wait (at most ``policy.wait_timeout``, or their own timeout) and go out
+        once it is back: re-imported, descriptors read again, configuration and alternate
+        settings restored (those set with :meth:`set_configuration` / :meth:`set_interface`).
+        After ``policy.max_attempts`` failed re-imports the device is closed for good.
+        """
+        self.reconnect_policy = policy
+        self._reimport = reimport
+        self._backoff = Backoff(policy)
+
+    @property
+    def connected(self) -> bool:
+        """Not closed, and not away (being re-imported)."""
+        return not self.closed and not self._away
+
+    async def wait_connected(self, timeout: float | None = None) -> bool:
+        """Wait (at most ``timeout`` seconds) until the device is back; False when it is not, or is closed."""
+        if not self.closed and self._away:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._back.wait(), timeout)
+        return self.connected
+
+    def _went_away(self) -> None:
+        self._away = True
+        self._back.clear()
+        if self._reconnect_task is None or self._reconnect_task.done():  # else: it failed while restoring
+            self._reconnect_task = self.loop.create_task(self._reconnect())
+
+    def _park(self, urb: PendingUrb, args: tuple[Any, ...], nbytes: int) -> PendingUrb:
+        if self._parked_bytes + nbytes > self.max_queued:
+            waiting = self._parked_bytes
+            raise Overloaded(f"{self.busid}: {waiting} bytes wait for the re-import (limit {self.max_queued})")
+        assert self.reconnect_policy is not None
+        timer = self.loop.call_later(self.reconnect_policy.wait_timeout, self._park_expired, urb)
+        self._parked[urb] = (args, nbytes, timer)
+        self._parked_bytes += nbytes
+        return urb
+
+    def _unpark(self, urb: PendingUrb) -> tuple[Any, ...] | None:
+        entry = self._parked.pop(urb, None)
+        if entry is None:
+            return None
+        args, nbytes, timer = entry
+        timer.cancel()
+        self._parked_bytes -= nbytes
+        return args
+
+    def _unpark_cancelled(self, urb: PendingUrb) -> bool:
+        """An URB cancelled (or timed out) before it was sent completes with -ECONNRESET."""
+        if self._unpark(urb) is None:
+            return False
+        if not urb.future.done():
+            urb.future.set_result(UrbResult(ECONNRESET, 0, None, urb.iso))
+        return True
+
+    def _park_expired(self, urb: PendingUrb) -> None:
+        if self._unpark(urb) is not None and not urb.future.done():
+            assert self.reconnect_policy is not None
+            wait = self.reconnect_policy.wait_timeout
+            urb.future.set_exception(Disconnected(f"{self.busid}: not back within {wait} s"))
+            urb.future.exception()
+
+    def _fail_parked(self, err: BaseException) -> None:
+        for urb in list(self._parked):
+            self._unpark(urb)
+            if not urb.future.done():
+                urb.future.set_exception(err)
+                urb.future.exception()
+
+    def _flush_parked(self) -> None:
+        """Send what waited for the re-import, in the order it was submitted."""
+        for urb in list(self._parked):
+            args = self._unpark(urb)
+            if args is None or urb.future.done():
+                continue
+            self._unparking = urb
+            try:
+                self.submit(*args)
+            except UsbipError as exc:
+                urb.future.set_exception(exc)
+                urb.future.exception()
+            finally:
+                self._unparking = None
+
+    async def _reconnect(self) -> None:
+        assert self.reconnect_policy is not None and self._backoff is not None and self._reimport is not None
+        if self.loop.time() - self._connected_at >= self.reconnect_policy.stable_after:
+            self._backoff.reset()
+        while True:
+            delay = self._backoff.next_delay()
+            if delay is None:
+                self._give_up(f"not back after {self._backoff.attempt} re-import attempts")
+                return
+            log.info("%s: re-import attempt %d in %.1f s", self.busid, self._backoff.attempt, delay)
+            await asyncio.sleep(delay)
+            try:
+                sock, record, tls = await self._reimport()
+            except Exception as exc:  # refused, unreachable, timed out, TLS: all worth another try
+                log.warning("%s: re-import failed: %s", self.busid, str(exc) or type(exc).__name__)
+                continue
+            try:
+                await self._restore(sock, record, tls)
+            except Exception as exc:
+                log.warning("%s: re-imported, but restoring the device failed: %s", self.busid, exc)
+                self._stream.close(exc if isinstance(exc, UsbipError) else None)
+                continue
+            break
+        self._away = False
+        self.closed = False
+        self.close_reason = None
+        self.reconnects += 1
+        self._connected_at = self.loop.time()
+        log.info("%s: back after %d re-import attempt(s)", self.busid, self._backoff.attempt)
+        self._back.set()
+        self._flush_parked()
+
+    async def _restore(self, sock: socket.socket, record: DeviceRecord, tls: TlsSession | None) -> None:
+        """Take the new connection and bring the device back to the state its users left it in."""
+        old = self.record
+        if (record.idVendor, record.idProduct) != (old.idVendor, old.idProduct):
+            sock.close()
+            raise UsbipError(
+                f"{self.busid} is now {record.idVendor:04x}:{record.idProduct:04x}, "
+                f"not {old.idVendor:04x}:{old.idProduct:04x}"
+            )
+        self.record = record
+        self.devid = record.devid
+        self.speed = record.speed
+        self._decoder = Decoder("client", max_transfer=self._max_transfer)
+        self._stream = Stream(sock, self._decoder, self._on_messages, self._on_close, self.loop, tls=tls)
+        self._stream.start()
+        config, alts = self.configuration, dict(self._alt_settings)
+        token = _RESTORING.set(self)
+        try:
+            if self.device_descriptor is not None or self.configuration_descriptor is not None:
+                await self.read_descriptors()
+            if config and record.bConfigurationValue != config:
+                await self.set_configuration(config)
+            for interface, alt in alts.items():
+                if alt:
+                    await self.set_interface(interface, alt)
+        finally:
+            _RESTORING.reset(token)
+        self.configuration, self._alt_settings = config, alts
+        if self._stream.closed:
+            raise Disconnected(f"{self.busid}: the connection dropped again while restoring")
+
+    def _give_up(self, why: str) -> None:
+        err = Disconnected(f"{self.busid}: {why}")
+        log.warning("%s", err)
+        self.closed = True
+        self.close_reason = err
+        self._fail_parked(err)
+        self._back.set()
 
 
 __all__ = ["PendingUrb", "RemoteDevice", "UrbResult"]

@@ -110,6 +110,13 @@ EBADR = -errno.EBADR  # usb_submit_urb: a control URB whose wLength is not its t
 
 # bmRequestType / bEndpointAddress direction bit (USB 2.0 spec 9.3.1, 9.6.6)
 USB_DIR_IN = 0x80
+# standard requests (USB 2.0 spec table 9-4) the server itself looks at
+USB_REQ_SET_FEATURE = 0x03
+USB_REQ_SET_CONFIGURATION = 0x09
+USB_REQ_SET_INTERFACE = 0x0B
+# SET_FEATURE(PORT_RESET) to a hub port: bmRequestType class|other (0x23), feature 4 (ch11.h)
+USB_RT_PORT = 0x23
+USB_PORT_FEAT_RESET = 4
 
 # Endpoint transfer types (bmAttributes & 3).
 XFER_CONTROL = 0

@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
+from ..capture import CaptureFile
 from ..device import Device
 from ..netio import PeerClosed, PlainChannel, apply_dead_peer_timeout, set_nodelay
 from ..pool import BufferPool
@@ -77,6 +78,8 @@ class Server:
     ``limits`` bounds what each client may cost (memory, time, descriptors);
     ``access`` says who may connect and use which device; with ``tls`` (a server
     ``ssl.SSLContext``, see ``usbip.tls.server_context``) every connection is TLS.
+    With ``capture`` (a :class:`usbip.capture.CaptureFile`, which the caller closes) every URB
+    of every import is written to it.
     """
 
     def __init__(
@@ -90,6 +93,7 @@ class Server:
         limits: ServerLimits | None = None,
         access: AccessPolicy | None = None,
         tls: ssl.SSLContext | None = None,
+        capture: CaptureFile | None = None,
     ) -> None:
         self.registry = registry or Registry()
         for dev in devices:  # devices given here are virtual: they get busids 100-1, 100-2, ...
@@ -103,6 +107,7 @@ class Server:
         self.limits = limits
         self.access = access or AccessPolicy()
         self.tls = tls
+        self.capture = capture
         self.max_transfer = limits.max_transfer
         self.max_connections = limits.connections
         self.pool = BufferPool()
@@ -378,6 +383,7 @@ class Server:
             queued=lambda: stream.queued,
             pause_input=pause_input,
             readmit=stream.readmit,
+            capture=None if self.capture is None else self.capture.session(device.busnum, device.devnum),
         )
         self.sessions.add(session)
         imp = self.imports[session] = Import(

@@ -30,6 +30,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from ..capture import UrbCapture
 from ..device import Device
 from ..pool import BufferPool
 from ..protocol import (
@@ -55,6 +56,11 @@ from ..protocol.constants import (
     URB_SHORT_NOT_OK,
     URB_ZERO_PACKET,
     USB_DIR_IN,
+    USB_PORT_FEAT_RESET,
+    USB_REQ_SET_CONFIGURATION,
+    USB_REQ_SET_FEATURE,
+    USB_REQ_SET_INTERFACE,
+    USB_RT_PORT,
     USBIP_CMD_SUBMIT,
     XFER_BULK,
     XFER_CONTROL,
@@ -67,6 +73,7 @@ log = logging.getLogger(__name__)
 #: An OUT payload smaller than 1/COPY_RATIO of the decoder buffer it lies in is copied before
 #: it is parked: a small pending URB must not pin a whole receive chunk (256 KiB).
 COPY_RATIO = 4
+_CHANGES_ENDPOINTS = (USB_REQ_SET_CONFIGURATION, USB_REQ_SET_INTERFACE)
 MSG_OVERHEAD = 64  # bytes counted per backlogged message besides its payload
 
 MAX_EARLY_UNLINKS = 256  # CMD_UNLINKs held for submits not seen yet
@@ -119,6 +126,7 @@ class UrbSession:
         queued: Callable[[], int] | None = None,
         pause_input: Callable[[bool], None] | None = None,
         readmit: Callable[[], None] | None = None,
+        capture: UrbCapture | None = None,
     ) -> None:
         self.device = device
         self.devid = device.devid if devid is None else devid
@@ -146,6 +154,9 @@ class UrbSession:
         self.errors: dict[int, int] = {}  # URBs completed with a non-zero status, by status
         self.max_seqnum = 0  # highest CMD_SUBMIT seqnum seen
         self._early_unlinks: dict[int, int] = {}  # target seqnum -> seqnum of its early CMD_UNLINK
+        # with a capture (usbip.capture) every URB is recorded: S in _submit, C through the callback
+        self.capture = capture
+        self._on_complete = self._completed if capture is None else self._completed_captured
 
     # ------------------------------------------------------------ input
     def handle(self, messages: list[Any]) -> None:
@@ -244,6 +255,8 @@ class UrbSession:
         if len(pending) >= self.limits.max_pending_urbs:
             raise ProtocolError(f"more than {self.limits.max_pending_urbs} URBs in flight")
         if self._early_unlinks and self._settle_early_unlinks(seqnum):
+            if self.capture is not None:
+                self.capture.cancelled_before_submit(msg)
             return  # unlinked before it arrived: answered with RET_UNLINK, never submitted
         if _seq_after(seqnum, self.max_seqnum):
             self.max_seqnum = seqnum
@@ -252,34 +265,43 @@ class UrbSession:
         tbl = msg.transfer_buffer_length
         if direction == USBIP_DIR_IN:
             # pool buffers come zeroed: a device that reports more than it wrote leaks nothing
-            urb = urb_from_submit(msg, self.pool.acquire(tbl), self._completed)
+            urb = urb_from_submit(msg, self.pool.acquire(tbl), self._on_complete)
         else:
             data = msg.data
             base = data.obj if isinstance(data, memoryview) else data
             if tbl and tbl * COPY_RATIO < len(base):
                 data = bytes(data)  # do not pin the decoder's receive chunk while this URB is parked
-            urb = urb_from_submit(msg, data, self._completed)
+            urb = urb_from_submit(msg, data, self._on_complete)
         self.pending_bytes += tbl
         pending[seqnum] = urb
         self.submitted += 1
         xfer, allowed = self._endpoint(ep, direction)
+        if self.capture is not None:
+            self.capture.submit(urb, xfer)
         if xfer is None:
             # usb_submit_urb() answers -ENOENT for an endpoint the device does not have
             log.debug("seqnum %d: no endpoint %d %s", seqnum, ep, "IN" if direction else "OUT")
-            urb.complete(ENOENT, 0)
+            self._refuse(urb, ENOENT)
             return
         if (xfer == XFER_ISOC) != (urb.iso is not None):
             log.debug("seqnum %d: iso descriptors do not match endpoint type %d", seqnum, xfer)
-            urb.complete(EINVAL, 0)
+            self._refuse(urb, EINVAL)
+            return
+        if urb.iso is not None and sum(p[1] for p in urb.iso.tolist()) > tbl:
+            # packets each inside the buffer but overlapping: their actual lengths could add up to
+            # more than the buffer, a RET_SUBMIT no client accepts (found by fuzz_session)
+            log.debug("seqnum %d: iso packets add up to more than the %d-byte buffer", seqnum, tbl)
+            self._refuse(urb, EINVAL)
             return
         urb.transfer_flags &= allowed
         if xfer == XFER_CONTROL:
             status = control_check(msg.setup, tbl, direction)
             if status:
                 log.debug("seqnum %d: control request refused (%d): setup %s", seqnum, status, bytes(msg.setup).hex())
-                urb.complete(status, 0)
+                self._refuse(urb, status)
                 return
-        if ep == 0 and msg.setup[0] == 0x23 and msg.setup[1] == 3 and msg.setup[2] == 4:
+        setup = msg.setup
+        if ep == 0 and setup[0] == USB_RT_PORT and setup[1] == USB_REQ_SET_FEATURE and setup[2] == USB_PORT_FEAT_RESET:
             # SET_FEATURE(PORT_RESET): the stub resets the device itself (stub_rx.c: tweak_reset_device_cmd)
             self.invalidate_endpoints()
             try:
@@ -292,7 +314,7 @@ class UrbSession:
             self.device.submit(urb)
         except Exception:
             log.exception("device %s failed on %r", self.device.busid, urb)
-            urb.complete(EINVAL, 0)
+            self._refuse(urb, EINVAL)
 
     def _unlink(self, msg: Any) -> None:
         self.unlinks += 1
@@ -306,6 +328,8 @@ class UrbSession:
             if _seq_after(target, self.max_seqnum):
                 self.max_seqnum = target
             self._send_ret_unlink(msg.seqnum, ECONNRESET)
+            if self.capture is not None:
+                self.capture.cancelled_before_submit(held)
             return
         if urb is None and _seq_after(target, self.max_seqnum) and len(self._early_unlinks) < MAX_EARLY_UNLINKS:
             # vhci can send a CMD_UNLINK before the CMD_SUBMIT it targets: vhci_tx_loop sends the
@@ -349,6 +373,16 @@ class UrbSession:
         pack_ret_unlink(hdr, 0, seqnum, status)
         self.send([hdr], HEADER_SIZE)
 
+    def _refuse(self, urb: Urb, status: int) -> None:
+        """Complete ``urb`` with ``status`` without handing it to the device (a capture shows E)."""
+        if self.capture is not None:
+            self.capture.refused(urb, status)
+        urb.complete(status, 0)
+
+    def _completed_captured(self, urb: Urb) -> None:
+        self.capture.complete(urb)  # type: ignore[union-attr]  # before _completed releases the buffer
+        self._completed(urb)
+
     def _completed(self, urb: Urb) -> None:
         pending = self.pending
         del pending[urb.seqnum]
@@ -361,8 +395,8 @@ class UrbSession:
                 self._send_ret_unlink(urb.unlink_seqnum, urb.status)
             else:
                 self._send_ret_submit(urb, is_in)
-                if urb.ep == 0 and urb.setup[1] in (9, 11) and urb.setup[0] in (0, 1):
-                    self.invalidate_endpoints()  # SET_CONFIGURATION / SET_INTERFACE
+            if urb.ep == 0 and urb.setup[1] in _CHANGES_ENDPOINTS and urb.setup[0] in (0, 1):
+                self.invalidate_endpoints()  # SET_CONFIGURATION / SET_INTERFACE ran (unlinked or not)
         self.pending_bytes -= urb.transfer_buffer_length
         if is_in:
             self.pool.release(urb.buffer)  # reused once the queued payload view is sent
@@ -423,4 +457,8 @@ class UrbSession:
             except asyncio.TimeoutError:
                 log.error("device %s left %d URBs pending after %.1fs", self.device.busid, len(self.pending), timeout)
                 for urb in list(self.pending.values()):
+                    if urb.direction == USBIP_DIR_IN:
+                        # the device may still write into it (a transfer the kernel has not ended):
+                        # never hand this buffer to another URB, of this client or another
+                        self.pool.abandon(urb.buffer)
                     urb.complete(ECONNRESET, 0)

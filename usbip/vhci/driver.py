@@ -12,15 +12,24 @@ Facts from ``drivers/usb/usbip/vhci_sysfs.c`` (and ``vhci.h``):
   devid %08x, sockfd %06u and the local busid (``0-0`` when free);
 * ``attach`` takes "port sockfd devid speed", ``detach`` takes "port";
 * the tool records each import in /var/run/vhci_hcd/port<N> as "host port busid".
+
+Ours adds, beside that record, ``port<N>.relay`` (the pid of a TLS import's relay) and
+``port<N>.persist`` (the pid of the supervisor of ``usbip attach --persist``); the
+supervisor and ``usbip detach`` change these under ``persist.lock`` (:meth:`VhciDriver.lock`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import os
 import re
+import time
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 
+from ..errors import CyusbipError
 from ..protocol.constants import Speed
 
 SYSFS_PLATFORM = "/sys/devices/platform"
@@ -50,7 +59,7 @@ SPEED_TEXT = {
 _LINE = re.compile(r"^(hs|ss)\s+(\d+)\s+(\d+)\s+(\d+)\s+([0-9a-fA-F]+)\s+(\d+)\s+(\S+)")
 
 
-class VhciError(OSError):
+class VhciError(CyusbipError, OSError):
     """vhci-hcd missing, no free port, or the kernel refused a request."""
 
 
@@ -123,12 +132,14 @@ class VhciDriver:
             out.extend(parse_status(self._read(name)))
         return sorted(out, key=lambda p: p.port)
 
-    def free_port(self, speed: int) -> int:
-        """A free port on the hub for ``speed``: super-speed hub for USB 3, high-speed hub otherwise."""
+    def free_port(self, speed: int, avoid: Collection[int] = ()) -> int:
+        """A free port on the hub for ``speed``: super-speed hub for USB 3, high-speed hub otherwise.
+        Ports in ``avoid`` (kept for a persistent import being re-attached) only when no other is free."""
         hub = "ss" if speed >= Speed.SUPER else "hs"
-        for p in self.ports():
-            if p.hub == hub and p.status == VDEV_ST_NULL:
-                return p.port
+        free = [p.port for p in self.ports() if p.hub == hub and p.status == VDEV_ST_NULL]
+        free.sort(key=lambda n: n in avoid)  # stable: the lowest port not avoided, else the lowest avoided
+        if free:
+            return free[0]
         raise VhciError(errno.EBUSY, f"no free {'super' if hub == 'ss' else 'high'}-speed vhci port")
 
     def check_port(self, port: int, speed: int | None = None) -> int:
@@ -179,7 +190,7 @@ class VhciDriver:
         return ImportRecord(*parts)
 
     def remove_record(self, port: int) -> None:
-        for path in (self.record_path(port), self.relay_path(port)):
+        for path in (self.record_path(port), self.relay_path(port), self.persist_path(port)):
             try:
                 os.unlink(path)
             except FileNotFoundError:
@@ -200,3 +211,68 @@ class VhciDriver:
                 return int(f.read().strip())
         except (OSError, ValueError):
             return None
+
+    def remove_relay(self, port: int) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.relay_path(port))
+
+    # ``usbip attach --persist``: "<pid>" of its supervisor (usbip.vhci.persist) in port<N>.persist
+    def persist_path(self, port: int) -> str:
+        return os.path.join(self.record_dir, f"port{port}.persist")
+
+    def write_persist(self, port: int, pid: int) -> None:
+        os.makedirs(self.record_dir, mode=0o700, exist_ok=True)
+        tmp = self.persist_path(port) + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(f"{pid}\n")
+        os.replace(tmp, self.persist_path(port))
+
+    def read_persist(self, port: int) -> int | None:
+        try:
+            with open(self.persist_path(port)) as f:
+                return int(f.read().strip())
+        except (OSError, ValueError):
+            return None
+
+    def remove_persist(self, port: int) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.persist_path(port))
+
+    def persist_ports(self) -> dict[int, int]:
+        """{vhci port: supervisor pid} of every persist record."""
+        try:
+            names = os.listdir(self.record_dir)
+        except OSError:
+            return {}
+        out = {}
+        for name in names:
+            m = re.fullmatch(r"port(\d+)\.persist", name)
+            if m:
+                pid = self.read_persist(int(m[1]))
+                if pid is not None:
+                    out[int(m[1])] = pid
+        return out
+
+    @contextlib.contextmanager
+    def lock(self, timeout: float = 10.0) -> Iterator[None]:
+        """Hold ``persist.lock`` (flock) for at most ``timeout`` seconds of waiting: a supervisor
+        re-attaching and ``usbip detach`` never interleave their changes to a port and its records."""
+        try:
+            os.makedirs(self.record_dir, mode=0o700, exist_ok=True)
+            fd = os.open(os.path.join(self.record_dir, "persist.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise VhciError(exc.errno or errno.EACCES, f"cannot open the lock in {self.record_dir}: {exc}") from exc
+        try:
+            end = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= end:
+                        held = f"{self.record_dir}/persist.lock held for {timeout} s"
+                        raise VhciError(errno.ETIMEDOUT, held) from None
+                    time.sleep(0.02)
+            yield
+        finally:
+            os.close(fd)

@@ -35,6 +35,7 @@ from ..tls import TlsChannel
 log = logging.getLogger(__name__)
 
 CHUNK = 256 * 1024
+PROCESS_NAME = "usbip-relay"  # what relays call themselves (prctl PR_SET_NAME, at most 15 bytes)
 HIGH_WATER = 4 * 1024 * 1024  # bytes waiting for one side before the relay stops reading the other
 
 
@@ -164,6 +165,7 @@ def start(channel: TlsChannel, log_path: str | None = None) -> tuple[socket.sock
             os.setsid()
             if os.fork() > 0:
                 os._exit(0)
+            _name_process()
             os.write(w, str(os.getpid()).encode())
             os.close(w)
             _redirect_output(log_path)
@@ -219,10 +221,36 @@ def _redirect_output(log_path: str | None) -> None:  # pragma: no cover - in the
     os.dup2(out, 2)
 
 
+def _name_process() -> None:  # pragma: no cover - in the child
+    """Call the process PROCESS_NAME (``ps``, /proc/PID/comm): :func:`stop` checks it."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(15, ctypes.c_char_p(PROCESS_NAME.encode()), 0, 0, 0)  # PR_SET_NAME
+
+
+def is_relay(pid: int) -> bool | None:
+    """Whether ``pid`` is a relay (its name is PROCESS_NAME); None when that cannot be told."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip() == PROCESS_NAME
+    except FileNotFoundError:
+        return False if os.path.isdir("/proc/self") else None
+    except OSError:
+        return None
+
+
 def stop(pid: int) -> None:
-    """End a relay (after the detach, when it did not notice by itself)."""
+    """End a relay (after the detach, when it did not notice by itself).
+
+    The pid comes from a port record that may be stale (vhci drops a port by itself when
+    the server goes away) and the number reused since: only a process named PROCESS_NAME
+    is signalled."""
+    if is_relay(pid) is False:
+        return
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.kill(pid, signal.SIGTERM)
 
 
-__all__ = ["Relay", "start", "stop"]
+__all__ = ["PROCESS_NAME", "Relay", "is_relay", "start", "stop"]

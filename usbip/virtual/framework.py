@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..device import Device, Urb
+from ..errors import CyusbipError
 from ..protocol.constants import (
     ECONNRESET,
     ENOENT,
@@ -121,7 +122,7 @@ def instance_serial(tag: str) -> str:
 DEFERRED = object()
 
 
-class UsbError(Exception):
+class UsbError(CyusbipError):
     """Raised by a handler (or async handler) to complete its URB with ``status``."""
 
     def __init__(self, status: int, actual_length: int = 0) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno as _errno
 from collections.abc import Sequence
 
+from ...errors import CyusbipError
 from ...protocol.constants import (
     ECONNRESET,
     EINVAL,
@@ -104,7 +105,7 @@ def special_error_to_errno(what: str, code: int | None) -> int:
     return error_to_errno(code)
 
 
-class UrbRefused(ValueError):
+class UrbRefused(CyusbipError, ValueError):
     """An URB refused before libusb sees it; ``status`` is what it completes with."""
 
     def __init__(self, status: int, why: str) -> None:
