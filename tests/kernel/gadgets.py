@@ -504,3 +504,18 @@ def reset(guest: Guest) -> None:
     stop_usbipd(guest)
     if guest.run(f"[ -d {CONFIGFS} ]").rc == 0:
         remove_all_gadgets(guest)
+
+
+def block_device_of(guest: Guest, local_busid: str, timeout: float = 90) -> str:
+    """Name (``sdX``) of the disk behind the vhci device ``local_busid``, once it has a size."""
+    script = (
+        f"_end=$(( $(date +%s) + {int(timeout)} )); while :; do "
+        "  for b in /sys/block/sd*; do [ -e $b ] || continue; "
+        f'    case "$(readlink -f $b)" in */vhci_hcd.*/{local_busid}/*) '
+        '      read s < $b/size; [ "$s" != 0 ] && [ -b /dev/${b##*/} ] && { echo ${b##*/}; exit 0; };; esac; '
+        "  done; [ $(date +%s) -ge $_end ] && exit 1; sleep 0.2; "
+        "done"
+    )
+    r = guest.run(script, timeout=timeout + 30)
+    assert r.rc == 0 and r.out.strip(), "no block device under vhci:\n" + guest.run("dmesg | tail -30").out
+    return r.out.split()[0]

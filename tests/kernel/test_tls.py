@@ -44,7 +44,7 @@ from pathlib import Path
 import pytest
 
 from . import gadgets, usbtest
-from .gadgets import assert_no_oops, dmesg_mark
+from .gadgets import assert_no_oops, block_device_of, dmesg_mark
 from .harness import GUEST_SHARE, Guest
 from .ourserver import (
     HOST_FROM_GUEST,
@@ -260,21 +260,6 @@ def wait_host_log(srv: UsbipdProcess, pattern: str, timeout: float = 30, count: 
 
 
 # ---------------------------------------------------------------- 1. storage over TLS, our server
-
-
-def block_device_of(guest: Guest, local_busid: str, timeout: float = 60) -> str:
-    """Name (``sdX``) of the disk behind the vhci device ``local_busid``, once it has a size."""
-    script = (
-        f"_end=$(( $(date +%s) + {int(timeout)} )); while :; do "
-        "  for b in /sys/block/sd*; do [ -e $b ] || continue; "
-        f'    case "$(readlink -f $b)" in */vhci_hcd.*/{local_busid}/*) '
-        '      read s < $b/size; [ "$s" != 0 ] && [ -b /dev/${b##*/} ] && { echo ${b##*/}; exit 0; };; esac; '
-        "  done; [ $(date +%s) -ge $_end ] && exit 1; sleep 0.2; "
-        "done"
-    )
-    r = guest.run(script, timeout=timeout + 30)
-    assert r.rc == 0 and r.out.strip(), "no block device under vhci:\n" + guest.run("dmesg | tail -30").out
-    return r.out.split()[0]
 
 
 def test_tls_storage_ext4_roundtrip(g, our_usbipd, pki, tmp_path):
