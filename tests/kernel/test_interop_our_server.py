@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shlex
 import struct
 import subprocess
@@ -343,7 +344,8 @@ def test_loopback_descriptors_in_sysfs(g, our_usbipd):
         "speed": "480",
         "manufacturer": ref.manufacturer,
         "product": ref.product,
-        "serial": ref.serial,
+        # unique per instance (kind, host tag, counter): the server's first loopback, not ours
+        "serial": dev["serial"] if re.fullmatch(r"GZ[0-9A-F]{6}\d{4}", dev["serial"]) else "GZ<host><n>",
         "bConfigurationValue": str(cfg[5]),
         "bNumInterfaces": f"{cfg[4]:2d}",
         "bmAttributes": f"{cfg[7]:2x}",
