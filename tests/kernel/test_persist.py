@@ -216,6 +216,7 @@ def test_persist_storage_survives_server_restart(g, our_usbipd, restarted, tmp_p
     assert_no_oops(g, mark)
 
 
+@pytest.mark.long
 def test_persist_tls_server_restart(g, our_usbipd, restarted, tmp_path):
     pytest.importorskip("trustme")
     from .test_tls import Pki, alive
@@ -245,6 +246,7 @@ def test_persist_tls_server_restart(g, our_usbipd, restarted, tmp_path):
     assert r.rc == 0, "the relay outlived the detach"
 
 
+@pytest.mark.long
 def test_persist_rides_out_a_stalled_server(g, our_usbipd, tmp_path):
     image = tmp_path / "disk.img"
     host_pattern = make_image(image)
@@ -271,7 +273,7 @@ def test_persist_rides_out_a_stalled_server(g, our_usbipd, tmp_path):
     detach_for_good(g, supervisor, local)
 
 
-@pytest.mark.slow  # the 45 s dead-peer timeout, then the backoff
+@pytest.mark.long  # the 45 s dead-peer timeout, then the backoff
 def test_persist_link_down(g, our_usbipd, tmp_path):
     if g.run("modprobe sch_ingress cls_u32 act_gact && command -v tc").rc != 0:
         pytest.skip("no tc ingress filter in the guest")

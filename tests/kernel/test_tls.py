@@ -408,6 +408,7 @@ def wait_port_free(guest: Guest, port: int, timeout: float) -> None:
     assert r.rc == 0, f"vhci port {port} still in use after {timeout}s:\n" + guest.run(f"cat {VHCI}/status*").out
 
 
+@pytest.mark.long
 def test_tls_server_gone_ends_relay(g, our_usbipd, pki):
     """The server dies under a TLS import: the relay sees the connection end, shuts vhci's end
     down and exits, and vhci gives the port up by itself, as on a network loss. The relay's
