@@ -499,6 +499,7 @@ def stunnel(g, pki):
     g.run(f"kill {pid}; " + gadgets.poll_sh(f"! kill -0 {pid} 2>/dev/null", 10) + f" || kill -9 {pid}", timeout=40)
 
 
+@pytest.mark.long
 @pytest.mark.skipif(_stunnel_missing() is not None, reason=_stunnel_missing() or "")
 def test_tls_through_stunnel_to_kernel_usbipd(g, pki, stunnel):
     t_start = time.monotonic()
