@@ -106,3 +106,15 @@ def e2e_reporter(request):
     from _harness import E2EReporter
 
     return request.config.pluginmanager.get_plugin(E2EReporter.name)
+
+
+@pytest.fixture(scope="module")
+def link():
+    """The emulated gigabit link between two network namespaces (skips without root/iproute2)."""
+    from _harness import LinkUnavailable, netns_link
+
+    try:
+        with netns_link() as built:
+            yield built
+    except LinkUnavailable as exc:
+        pytest.skip(str(exc))

@@ -13,7 +13,7 @@ asserted).
 Root only; skipped when ``ip netns`` does not work. Names are unique per run; the
 namespaces (and with them the veth pair) are always removed. Only addresses inside the
 two namespaces (10.213.N.1/30 and 10.213.N.2/30) are used. The link is built by
-``_harness.netns_link`` (test_tls.py uses it too).
+``_harness.netns_link`` (the ``link`` fixture in conftest.py, test_tls.py uses it too).
 """
 
 from __future__ import annotations
@@ -28,10 +28,8 @@ from _harness import (
     PYTHON,
     BuildError,
     Case,
-    LinkUnavailable,
     build,
     interleaved,
-    netns_link,
     run_settings,
     started_servers,
 )
@@ -39,15 +37,6 @@ from _harness import (
 TCP_GOODPUT_CEILING = 118.0  # MB/s of TCP payload on gigabit Ethernet (1500 MTU, timestamps)
 TARGET = 112.0
 CASES = [Case("bulk-in", 65536, 8), Case("bulk-out", 65536, 8)]
-
-
-@pytest.fixture(scope="module")
-def link():
-    try:
-        with netns_link() as built:
-            yield built
-    except LinkUnavailable as exc:
-        pytest.skip(str(exc))
 
 
 @pytest.fixture(scope="module")

@@ -32,11 +32,9 @@ from _harness import (
     PLAIN,
     TLS,
     Case,
-    LinkUnavailable,
     ServerProc,
     env_int,
     interleaved,
-    netns_link,
     run_settings,
     started_servers,
     tls_doc,
@@ -80,15 +78,6 @@ def server_pair(pki: dict[str, str], **kw: Any) -> list[ServerProc]:
 def servers(pki):
     with started_servers(server_pair(pki)) as started:
         yield started
-
-
-@pytest.fixture(scope="module")
-def link():
-    try:
-        with netns_link() as built:
-            yield built
-    except LinkUnavailable as exc:
-        pytest.skip(str(exc))
 
 
 @pytest.fixture(scope="module")
