@@ -42,10 +42,21 @@ def start(guest, args: str = "", wrap: Callable[[str], str] | None = None) -> tu
     return pid, log
 
 
-def stop(guest, pid: int) -> None:
-    # its own session (start_background): signal the whole group, then wait for the listener to go
-    gone = gadgets.poll_sh(_listening(False), 15)
-    guest.run(f"kill -- -{pid}; ({gone}) || kill -9 -- -{pid}", timeout=40)
+def stop(guest, pid: int, timeout: float = 30) -> str:
+    """SIGTERM usbipd (its own session, start_background: the whole group) and wait for the process
+    to end. Returns "" when it exited by itself; otherwise its Python stacks (faulthandler on
+    SIGUSR1, written to its log) and kernel stacks, and it is killed with SIGKILL."""
+    exited = f"! [ -d /proc/{pid} ] || grep -q '^State:.*Z' /proc/{pid}/status"
+    r = guest.run(f"kill -- -{pid}; {gadgets.poll_sh(exited, timeout)}", timeout=timeout + 30)
+    if r.rc == 0:
+        return ""
+    state = guest.run(
+        f"grep State /proc/{pid}/status; for t in /proc/{pid}/task/*; do echo $t $(cat $t/comm) $(cat $t/wchan); "
+        f"cat $t/stack; done; kill -USR1 {pid}; sleep 2",
+        timeout=60,
+    ).out
+    guest.run(f"kill -9 -- -{pid}", timeout=30)
+    return f"usbipd did not exit {timeout:.0f} s after SIGTERM:\n{state}"
 
 
 def bind(guest, busid: str) -> None:

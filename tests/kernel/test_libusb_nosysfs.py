@@ -164,10 +164,12 @@ def vhci_guest(clean_guest):
     gadgets.modprobe(g, "vhci-hcd")
     started: list[tuple[int, str]] = []
     yield g, started
+    hung = []
     for pid, log in started:
-        if g.run(f"kill -0 {pid}").rc == 0:
-            _stop_usbipd(g, pid)
+        if g.run(f"kill -0 {pid}").rc == 0 and (why := _stop_usbipd(g, pid)):
+            hung.append(why)
         print(f"--- {log}\n" + g.run(f"grep -vE ' submit | done seq=' {log} | tail -60").out)
+    assert not hung, hung
 
 
 def test_forced_libusb_enumeration_matches_sysfs_and_imports(vhci_guest):
