@@ -278,3 +278,10 @@ def fixed_stream(role: str) -> list[Spec]:
             (3, 6, 0, 0, 0, 0, 10, 12, 3, 1, None, iso_bytes(iso)),
         ),
     ]
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # the usbipd / usbip processes the tests start compile nothing (tests/kernel/harness.py)
+    from tests.kernel.harness import compile_package
+
+    compile_package()

@@ -7,13 +7,31 @@ Every exception cyusbip raises on purpose is a ``usbip.CyusbipError``.
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from ._version import __version__
-from .client import connect
-from .device import Device, Urb
 from .errors import CyusbipError
 from .protocol import IMPLEMENTATION
 from .protocol.errors import ProtocolError
-from .server import Server, serve
+
+if TYPE_CHECKING:
+    from .client import connect
+    from .device import Device, Urb
+    from .server import Server, serve
+
+# imported on first use (PEP 562): the command-line tools start faster without the server or
+# the client they do not use (each import is a 9p lookup in the kernel-test guest)
+_LAZY = {"connect": ".client", "Device": ".device", "Urb": ".device", "Server": ".server", "serve": ".server"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "IMPLEMENTATION",

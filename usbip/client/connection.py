@@ -13,8 +13,8 @@ import socket
 import ssl
 from collections.abc import Iterator
 from types import TracebackType
+from typing import TYPE_CHECKING
 
-from ..capture import CaptureFile
 from ..netio import DEAD_PEER_TIMEOUT, PlainChannel, apply_dead_peer_timeout, set_nodelay
 from ..protocol import ProtocolError
 from ..protocol.constants import (
@@ -40,6 +40,9 @@ from ..tls import TlsChannel, TlsError
 from .errors import BadReply, Disconnected, ImportRefused, Timeout, TlsFailed, UsbipError
 from .reconnect import ReconnectPolicy
 from .remote import RemoteDevice
+
+if TYPE_CHECKING:
+    from ..capture import CaptureFile
 
 
 async def open_socket(host: str, port: int = USBIP_PORT, timeout: float | None = 10.0) -> socket.socket:

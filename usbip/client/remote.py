@@ -9,9 +9,8 @@ import logging
 import socket
 import struct
 from collections.abc import Awaitable, Callable, Generator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..capture import CaptureFile
 from ..descriptors import DT_CONFIG, DT_DEVICE, endpoints, parse_device_descriptor
 from ..protocol import (
     HEADER_SIZE,
@@ -28,6 +27,9 @@ from ..protocol.constants import DEFAULT_MAX_TRANSFER, ECONNRESET, URB_ISO_ASAP,
 from ..stream import Stream, TlsSession
 from .errors import BadReply, Disconnected, Overloaded, Timeout, UsbipError, transfer_error
 from .reconnect import Backoff, ReconnectPolicy
+
+if TYPE_CHECKING:
+    from ..capture import CaptureFile
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,8 @@ import ssl
 import time
 from collections import Counter
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..capture import CaptureFile
 from ..device import Device
 from ..netio import PeerClosed, PlainChannel, apply_dead_peer_timeout, set_nodelay
 from ..pool import BufferPool
@@ -36,6 +35,9 @@ from .limits import ServerLimits
 from .metrics import DeviceTotals, Import
 from .registry import Registry
 from .session import UrbSession
+
+if TYPE_CHECKING:
+    from ..capture import CaptureFile
 
 log = logging.getLogger(__name__)
 

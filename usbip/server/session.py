@@ -28,9 +28,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..capture import UrbCapture
 from ..device import Device
 from ..pool import BufferPool
 from ..protocol import (
@@ -67,6 +66,9 @@ from ..protocol.constants import (
     XFER_ISOC,
 )
 from .limits import ServerLimits
+
+if TYPE_CHECKING:
+    from ..capture import UrbCapture
 
 log = logging.getLogger(__name__)
 
