@@ -51,16 +51,24 @@ def test_a_bad_config_file_exits_2(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
-def test_the_shipped_unit_verifies(tmp_path: Path) -> None:
-    unit = resources.files("usbip").joinpath("data/systemd/usbipd.service").read_text()
-    usbipd = shutil.which("usbipd") or str(Path(sys.executable).with_name("usbipd"))
-    assert Path(usbipd).exists(), usbipd
-    (tmp_path / "usbipd.service").write_text(unit.replace("/usr/local/bin/usbipd", usbipd))
+@pytest.mark.parametrize(
+    ("unit", "tool", "instance"), [("usbipd.service", "usbipd", ""), ("usbip-attach@.service", "usbip", "demo")]
+)
+def test_the_shipped_units_verify(tmp_path: Path, unit: str, tool: str, instance: str) -> None:
+    text = resources.files("usbip").joinpath(f"data/systemd/{unit}").read_text()
+    path = shutil.which(tool) or str(Path(sys.executable).with_name(tool))
+    assert Path(path).exists(), path
+    assert f"/usr/local/bin/{tool} " in text
+    (tmp_path / unit).write_text(text.replace(f"/usr/local/bin/{tool} ", f"{path} "))
+    name = unit.replace("@.", f"@{instance}.")
+    if instance:  # the instance's file, as the unit's comment describes it
+        (tmp_path / f"attach-{instance}.conf").write_text("HOST=127.0.0.1\nBUSID=1-1\n")
+        (tmp_path / unit).write_text((tmp_path / unit).read_text().replace("/etc/cyusbip/", f"{tmp_path}/"))
     res = subprocess.run(
-        ["systemd-analyze", "verify", "--man=no", str(tmp_path / "usbipd.service")],
+        ["systemd-analyze", "verify", "--man=no", f"{tmp_path / unit}:{name}" if instance else str(tmp_path / unit)],
         capture_output=True,
         text=True,
         timeout=60,
     )
-    problems = [line for line in (res.stdout + res.stderr).splitlines() if "usbipd.service" in line]
+    problems = [line for line in (res.stdout + res.stderr).splitlines() if unit.split("@")[0] in line]
     assert res.returncode == 0 and not problems, res.stdout + res.stderr

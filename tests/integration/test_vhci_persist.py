@@ -22,7 +22,7 @@ import pytest
 
 from usbip.client import ReconnectPolicy
 from usbip.server import Server
-from usbip.vhci import persist
+from usbip.vhci import commands, persist
 from usbip.vhci.commands import attach_device, detach_command, format_ports, imported_ports
 from usbip.vhci.driver import VDEV_ST_NULL, VDEV_ST_USED, VhciError
 from usbip.virtual import LoopbackDevice
@@ -374,3 +374,43 @@ def test_tls_import_comes_back_with_a_new_relay(drv: FakeVhci, tmp_path: Path) -
             await srv.close()
 
     run(body)
+
+
+@pytest.mark.parametrize("ending", ["signal", "detach"])
+def test_foreground_supervisor_ends_with_a_signal_or_detach(drv: FakeVhci, monkeypatch, ending: str) -> None:  # type: ignore[no-untyped-def]
+    """``usbip attach --persist --foreground`` (the systemd unit's command): this process supervises;
+    SIGTERM (``systemctl stop``) detaches the device, ``usbip detach`` ends the supervision."""
+    monkeypatch.setattr(persist, "POLL_INTERVAL", POLL)
+    # `usbip detach` runs in this process here: it must not signal (or kill) the test itself;
+    # a supervisor in another process gets its SIGTERM (the spawned-supervisor test)
+    stopped: list[int] = []
+    monkeypatch.setattr(persist, "stop", lambda pid, timeout=0: stopped.append(pid) or True)
+    srv = ServerThread()
+    seen: dict[str, object] = {}
+
+    def act() -> None:
+        seen["attached"] = poll(lambda: used(drv, 0), 5)
+        seen["record"] = drv.read_persist(0)
+        seen["named"] = persist._is_ours(os.getpid())
+        if ending == "signal":
+            os.kill(os.getpid(), signal.SIGTERM)
+        else:
+            seen["detach"] = detach_command(0, driver=drv)
+
+    def ready() -> None:
+        threading.Thread(target=act, daemon=True).start()
+
+    with open("/proc/self/comm") as f:
+        name = f.read()
+    try:
+        rc = commands.attach_command(
+            "127.0.0.1", srv.port, BUSID, persist=True, foreground=True, on_ready=ready, driver=drv
+        )
+    finally:
+        srv.close()
+    assert rc == 0
+    assert seen["attached"] and seen["record"] == os.getpid() and seen["named"], seen
+    assert seen.get("detach", 0) == 0 and stopped == ([os.getpid()] if ending == "detach" else [])
+    assert free(drv, 0) and drv.read_persist(0) is None and drv.read_record(0) is None
+    with open("/proc/self/comm") as f:
+        assert f.read() == name  # the process name the supervisor took is given back

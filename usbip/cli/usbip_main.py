@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import ssl
 import sys
 from typing import Any
@@ -14,7 +15,7 @@ from .. import __version__
 from ..capture import add_capture_options
 from ..protocol.constants import USBIP_PORT
 from ..tls import client_context
-from . import exitcodes
+from . import exitcodes, sdnotify
 from .logs import setup_logging
 
 log = logging.getLogger("usbip")
@@ -86,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep the import alive: a supervisor process re-imports the device whenever the connection "
         "drops (backoff 1 s to 30 s; log in /var/run/vhci_hcd/persist.log) until `usbip detach`",
+    )
+    at.add_argument(
+        "--foreground",
+        action="store_true",
+        help="with --persist: supervise from this process, logging to stderr, until `usbip detach` or a "
+        "signal (SIGTERM, Ctrl-C), which also detaches the device; tells systemd when the import is "
+        "attached (the unit usbip-attach@.service runs this)",
     )
 
     de = sub.add_parser("detach", help="detach an imported device from a vhci-hcd port")
@@ -243,6 +251,10 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_attach(args: argparse.Namespace) -> int:
     from ..vhci.commands import attach_command
 
+    if args.foreground and not args.persist:
+        log.error("--foreground goes with --persist")
+        return exitcodes.USAGE
+
     return attach_command(
         args.remote,
         args.tcp_port,
@@ -252,6 +264,8 @@ def cmd_attach(args: argparse.Namespace) -> int:
         tls=args.tls_context,
         server_hostname=args.tls_server_name,
         persist=args.persist,
+        foreground=args.foreground,
+        on_ready=lambda: sdnotify.notify(f"READY=1\nMAINPID={os.getpid()}"),
     )
 
 

@@ -11,7 +11,7 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 
 from ..cli import exitcodes
 from ..client import Connection, ImportRefused, TlsFailed
@@ -256,11 +256,16 @@ def attach_command(
     tls: ssl.SSLContext | None = None,
     server_hostname: str | None = None,
     persist: bool = False,
+    foreground: bool = False,
+    on_ready: Callable[[], object] | None = None,
+    driver: VhciDriver | None = None,
 ) -> int:
     """``usbip attach``; with ``persist`` a supervisor process keeps the import alive
-    (usbip/vhci/persist.py) once the first import went through."""
+    (usbip/vhci/persist.py) once the first import went through; with ``foreground`` too, this
+    process is the supervisor (``on_ready`` is called once the import is attached) and returns
+    when it ends, detaching the device if a signal ended it."""
     try:
-        drv = VhciDriver()
+        drv = driver or VhciDriver()
         port, record = asyncio.run(
             attach_device(host, tcp_port, busid, drv, port=port, tls=tls, server_hostname=server_hostname)
         )
@@ -279,6 +284,8 @@ def attach_command(
     supervisor = None
     if persist:
         target = persist_mod.Target(host, tcp_port, busid, tls, server_hostname)
+        if foreground:
+            return _supervise_here(drv, target, port, record, on_ready)
         try:
             supervisor = persist_mod.spawn(drv, target, port, record.devid)
         except (OSError, VhciError) as exc:
@@ -293,6 +300,20 @@ def attach_command(
     else:
         log.debug("%s from %s attached to port %d", busid, host, port)
     return exitcodes.OK
+
+
+def _supervise_here(
+    drv: VhciDriver, target: persist_mod.Target, port: int, record: DeviceRecord, on_ready: Callable[[], object] | None
+) -> int:
+    log.info("port %d: persistent import, supervised by this process (pid %d)", port, os.getpid())
+    try:
+        why, port, signalled = persist_mod.run_foreground(drv, target, port, record.devid, on_ready=on_ready)
+    except (OSError, VhciError) as exc:
+        log.error("%s is attached to port %d but will not be kept alive: %s", target.busid, port, exc)
+        return exitcodes.FAILURE
+    if signalled:  # `systemctl stop`, Ctrl-C: the import ends with its supervisor
+        return detach_command(port, driver=drv)
+    return exitcodes.OK if why.startswith("the persist record is gone") else exitcodes.FAILURE
 
 
 @contextlib.contextmanager

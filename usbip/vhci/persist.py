@@ -351,6 +351,49 @@ def _main(  # pragma: no cover - in the child
     return 0
 
 
+def run_foreground(
+    drv: VhciDriver,
+    target: Target,
+    port: int,
+    devid: int,
+    policy: ReconnectPolicy | None = None,
+    on_ready: Callable[[], object] | None = None,
+) -> tuple[str, int, bool]:
+    """The supervisor in this process (``usbip attach --persist --foreground``, the systemd unit
+    ``usbip-attach@.service``); its log goes where the command's goes. It ends on SIGTERM or
+    SIGINT (``systemctl stop``), on ``usbip detach`` of its port, or when it gives up. Returns
+    why it ended, the port the import is on by then, and whether a signal ended it (the caller
+    then detaches that port, as the service's stop means)."""
+    with open("/proc/self/comm", "rb") as f:
+        name = f.read().strip()
+    _set_name()  # what `usbip detach` checks before it signals the supervisor of a record
+    with drv.lock(LOCK_TIMEOUT):
+        drv.write_persist(port, os.getpid())
+    sup = Supervisor(drv, target, port, devid, policy)
+    signalled = False
+
+    def on_signal() -> None:
+        nonlocal signalled
+        signalled = True
+        sup.stop()
+
+    async def main() -> str:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal)
+        if on_ready is not None:
+            on_ready()
+        return await sup.run()
+
+    try:
+        why = asyncio.run(main())
+    finally:
+        sup.forget()
+        _set_name(name)
+    sup.say(logging.INFO, "supervisor ends: %s (%d re-attaches)", why, sup.reattached)
+    return why, sup.port, signalled
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -377,9 +420,9 @@ def _is_ours(pid: int) -> bool:
         return True
 
 
-def _set_name() -> None:  # pragma: no cover - in the child
+def _set_name(name: bytes = PROCESS_NAME.encode()) -> None:
     with contextlib.suppress(Exception):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NAME, PROCESS_NAME.encode(), 0, 0, 0)
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NAME, name, 0, 0, 0)
 
 
 def stop(pid: int, timeout: float = STOP_WAIT) -> bool:
