@@ -318,6 +318,18 @@ class CaptureFile:
     def __repr__(self) -> str:
         return f"<CaptureFile {self.path} records={self.records} dropped={self.dropped} lost={self.lost}>"
 
+    def counters(self) -> dict[str, int | str]:
+        """What the capture did so far (``usbipd --metrics``)."""
+        return {
+            "path": self.path,
+            "records": self.records,
+            "written": self.written,
+            "dropped": self.dropped,
+            "lost": self.lost,
+            "rotations": self.rotations,
+            "write_errors": self.write_errors,
+        }
+
     # ------------------------------------------------------------ sessions
     def session(self, busnum: int, devnum: int) -> UrbCapture:
         """The capture of one server connection (its own id: the high half of every URB id)."""

@@ -34,7 +34,10 @@ def metric(text: str, name: str, **labels: str) -> float:
 def test_metrics_and_status_follow_traffic(tmp_path: Path) -> None:
     port, mport = free_port(), free_port()
     daemon = Daemon(
-        ["--virtual", "loopback", "--virtual", "keyboard:x", "--no-libusb", "--metrics", f"127.0.0.1:{mport}"],
+        [
+            *("--virtual", "loopback", "--virtual", "keyboard:x", "--no-libusb"),
+            *("--metrics", f"127.0.0.1:{mport}", "--capture", str(tmp_path / "usb.pcapng")),
+        ],
         port,
         tmp_path / "usbipd.log",
     )
@@ -60,6 +63,9 @@ def test_metrics_and_status_follow_traffic(tmp_path: Path) -> None:
         assert metric(text, "usbip_device_bytes_total", busid="100-1", direction="out") >= 10 * 512
         assert metric(text, "usbip_device_imported", busid="100-2") == 0
         assert metric(text, "usbip_connections_total") >= 2
+        # the capture's records: submit + completion of the 11 URBs, at least
+        assert metric(text, "usbip_capture_records_total", outcome="accepted") >= 22
+        assert metric(text, "usbip_capture_records_total", outcome="dropped") == 0
         res = subprocess.run(
             [*USBIP, "--json", "status", f"127.0.0.1:{mport}"], capture_output=True, text=True, timeout=30
         )

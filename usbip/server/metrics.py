@@ -119,6 +119,7 @@ def snapshot(server: Server) -> dict[str, Any]:
         "server": {**server.stats(), "connections_total": server.connections_total, "port": server.port},
         "devices": devices,
         "connections": [imp.snapshot() for imp in server.imports.values()],
+        "capture": None if server.capture is None else server.capture.counters(),
     }
 
 
@@ -177,6 +178,16 @@ class _Collector:
             ci.add_metric(lv, conn["in_flight"])
             ch.add_metric(lv, conn["held_bytes"])
         yield from (cu, cs, ci, ch)
+        cap = doc["capture"]
+        if cap is not None:
+            rec = CounterMetricFamily("usbip_capture_records", "URB capture records (--capture)", labels=["outcome"])
+            for outcome in ("accepted", "written", "dropped", "lost"):
+                rec.add_metric([outcome], cap["records" if outcome == "accepted" else outcome])
+            rot = CounterMetricFamily("usbip_capture_rotations", "capture files rotated")
+            rot.add_metric([], cap["rotations"])
+            werr = CounterMetricFamily("usbip_capture_write_errors", "failed writes of the capture file")
+            werr.add_metric([], cap["write_errors"])
+            yield from (rec, rot, werr)
 
 
 class MetricsEndpoint:
