@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from usbip.capture import CaptureFile, read_records
 from usbip.client import Cancelled, Disconnected, ReconnectPolicy, connect
 from usbip.device import Urb
 from usbip.server import Server
@@ -223,3 +224,32 @@ def test_blocking_client_takes_the_policy() -> None:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
         loop.close()
+
+
+def test_a_capture_follows_the_reimport(tmp_path: Path) -> None:
+    """Records after a re-import carry the new connection's URB ids and the new record's numbers."""
+    cap = CaptureFile(str(tmp_path / "client.pcapng"))
+
+    async def body() -> tuple[int, int]:
+        srv = Server([LoopbackDevice()], host="127.0.0.1", port=0)
+        await srv.start()
+        try:
+            async with connect("127.0.0.1", srv.port, capture=cap) as conn:
+                dev = await conn.import_device(BUSID, reconnect=FAST)
+                await dev.bulk_transfer(0x81, 8)
+                srv = await restart(srv, LoopbackDevice())
+                assert await dev.wait_connected(5)
+                await dev.bulk_transfer(0x81, 8)
+                await dev.close()
+                return dev.record.busnum, dev.record.devnum
+        finally:
+            await srv.close()
+
+    try:
+        busnum, devnum = run(body)
+    finally:
+        cap.close()
+    recs = [r for r in read_records((tmp_path / "client.pcapng").read_bytes()) if r["epnum"] & 0x7F == 1]
+    conns = [r["id"] >> 32 for r in recs]
+    assert len(recs) == 4 and conns[0] == conns[1] != conns[2] == conns[3], recs
+    assert {(r["busnum"], r["devnum"]) for r in recs} == {(busnum, devnum)}

@@ -675,6 +675,8 @@ class RemoteDevice:
         self.record = record
         self.devid = record.devid
         self.speed = record.speed
+        if self._capture is not None:  # a new connection: its own URB ids, the new bus and device numbers
+            self._capture = self._capture.file.client_session(record.busnum, record.devnum)
         self._decoder = Decoder("client", max_transfer=self._max_transfer)
         self._stream = Stream(sock, self._decoder, self._on_messages, self._on_close, self.loop, tls=tls)
         self._stream.start()
