@@ -92,6 +92,7 @@ async def run_case(
     clock = time.perf_counter
     setup = bytes(8)
     iso: list[int] | None = None
+    arg: int | bytes
     if mode == "control":
         ep, arg, setup, size = 0x80, 18, GET_DEVICE_DESCRIPTOR, 18
     elif mode == "bulk-in":

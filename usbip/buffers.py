@@ -14,12 +14,15 @@ class PoolBuffer(bytearray):
     """A bytearray of the requested size that remembers its pool state."""
 
     __slots__ = ("capacity", "pool", "released")
+    capacity: int
+    pool: BufferPool | None
+    released: bool
 
     @property
     def in_use(self) -> bool:
         return not self.released
 
-    def clear(self) -> None:  # type: ignore[override]
+    def clear(self) -> None:
         self[:] = bytes(len(self))
 
 
@@ -53,8 +56,8 @@ class BufferPool:
         self.outstanding += 1
         return buf
 
-    def release(self, buf: PoolBuffer) -> None:
-        if getattr(buf, "released", True) or getattr(buf, "pool", None) is not self:
+    def release(self, buf: object) -> None:
+        if not isinstance(buf, PoolBuffer) or buf.released or buf.pool is not self:
             return  # already released, or not from this pool
         buf.released = True
         buf.pool = None
@@ -73,10 +76,10 @@ class BufferPool:
             free_list.append(buf)
             self.cached_bytes += buf.capacity
 
-    def abandon(self, buf: PoolBuffer) -> None:
+    def abandon(self, buf: object) -> None:
         """Give ``buf`` up for good: it counts as released but is never reused (a device may
         still write into it)."""
-        if getattr(buf, "released", True) or getattr(buf, "pool", None) is not self:
+        if not isinstance(buf, PoolBuffer) or buf.released or buf.pool is not self:
             return
         buf.released = True
         buf.pool = None

@@ -427,8 +427,8 @@ class CaptureFile:
                 ndesc,
             )
             pos += PREFIX_SIZE
-            if dlen:
-                self._view[pos : pos + dlen] = descs  # type: ignore[index]  # dlen > 0: descs is set
+            if descs is not None:  # dlen > 0
+                self._view[pos : pos + dlen] = descs
                 pos += dlen
             if n:
                 self._view[pos : pos + n] = data

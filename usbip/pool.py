@@ -8,9 +8,9 @@ if FORCED_PURE:
     from .buffers import IMPLEMENTATION, BufferPool, PoolBuffer
 else:
     try:
-        from ._buffers import IMPLEMENTATION, BufferPool, PoolBuffer  # type: ignore[no-redef]
+        from ._buffers import IMPLEMENTATION, BufferPool, PoolBuffer
     except ImportError as exc:  # pragma: no cover - depends on the build
         warn_fallback(exc)
-        from .buffers import IMPLEMENTATION, BufferPool, PoolBuffer  # type: ignore[no-redef]
+        from .buffers import IMPLEMENTATION, BufferPool, PoolBuffer
 
 __all__ = ["IMPLEMENTATION", "BufferPool", "PoolBuffer"]

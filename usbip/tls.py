@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+from typing import Any
 
 from .errors import CyusbipError
 from .netio import PeerClosed
@@ -79,11 +80,14 @@ def peer_names(tls: ssl.SSLObject) -> tuple[str, ...]:
     if not cert:
         return ()
     names: list[str] = []
-    for rdn in cert.get("subject", ()):
+    # getpeercert(): {"subject": ((("commonName", "x"),), ...), "subjectAltName": (("DNS", "x"), ...)}
+    subject: Any = cert.get("subject", ())
+    alt_names: Any = cert.get("subjectAltName", ())
+    for rdn in subject:
         for key, value in rdn:
             if key == "commonName":
                 names.append(value)
-    for kind, value in cert.get("subjectAltName", ()):
+    for kind, value in alt_names:
         if kind in ("DNS", "email", "URI") and value not in names:
             names.append(value)
     return tuple(names)

@@ -68,7 +68,8 @@ def _convert(action: argparse.Action, value: Any, where: str) -> Any:
 
 def _one(action: argparse.Action, value: Any, where: str) -> Any:
     convert = action.type or str
-    expected = {str: "a string", int: "an integer", float: "a number"}.get(convert, "a string")  # type: ignore[call-overload]
+    names: dict[object, str] = {str: "a string", int: "an integer", float: "a number"}
+    expected = names.get(convert, "a string")
     if isinstance(value, bool) or isinstance(value, (list, dict)):
         raise ConfigError(f"{where}: expected {expected}, not {value!r}")
     if convert is int and not isinstance(value, int):

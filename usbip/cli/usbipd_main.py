@@ -13,6 +13,7 @@ import socket
 import ssl
 import sys
 import tempfile
+from typing import TYPE_CHECKING
 
 from .. import __version__
 from ..backends.discovery import MODES
@@ -24,6 +25,10 @@ from ..server.limits import MiB, ServerLimits
 from ..tls import server_context
 from . import config, exitcodes, sdnotify
 from .logs import setup_logging
+
+if TYPE_CHECKING:
+    from ..server import Server
+    from ..server.metrics import MetricsEndpoint
 
 log = logging.getLogger("usbipd")
 DEFAULT_PID_FILE = "/var/run/usbipd.pid"
@@ -209,14 +214,14 @@ def _host_port(spec: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-async def _start_metrics(server: object, host: str, port: int) -> object:
+async def _start_metrics(server: Server, host: str, port: int) -> MetricsEndpoint:
     from ..server.metrics import MetricsEndpoint
 
     try:
         import prometheus_client  # noqa: F401
     except ImportError:
         raise ImportError("prometheus-client is not installed (pip install 'cyusbip[metrics]')") from None
-    endpoint = MetricsEndpoint(server, host, port)  # type: ignore[arg-type]
+    endpoint = MetricsEndpoint(server, host, port)
     await endpoint.start()
     return endpoint
 
@@ -296,7 +301,7 @@ async def _run_server(args: argparse.Namespace, capture: CaptureFile | None) -> 
     except OSError as exc:
         log.error("cannot listen on port %d: %s", args.tcp_port, exc)
         return exitcodes.FAILURE
-    metrics = None
+    metrics: MetricsEndpoint | None = None
     if metrics_addr is not None:
         try:
             metrics = await _start_metrics(server, *metrics_addr)

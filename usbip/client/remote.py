@@ -346,10 +346,10 @@ class RemoteDevice:
         Returns the result; per-packet statuses are in ``result.iso`` / ``result.packets()``.
         """
         if endpoint & 0x80:
-            sizes = [int(p) for p in packets]  # type: ignore[arg-type]
+            sizes = [int(p) for p in packets]
             urb = self.submit(endpoint, sum(sizes), iso_packets=sizes, interval=interval)
         else:
-            chunks = [bytes(p) for p in packets]  # type: ignore[arg-type]
+            chunks = [bytes(p) for p in packets]
             urb = self.submit(endpoint, b"".join(chunks), iso_packets=[len(c) for c in chunks], interval=interval)
         return await urb.wait(timeout)
 

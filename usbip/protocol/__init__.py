@@ -19,7 +19,7 @@ else:
         from . import _codec as codec  # type: ignore[no-redef]
     except ImportError as exc:  # pragma: no cover - depends on the build
         warn_fallback(exc)
-        from . import codec  # type: ignore[no-redef]
+        from . import codec
 
 IMPLEMENTATION: str = codec.IMPLEMENTATION
 

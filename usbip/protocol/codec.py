@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from .constants import (
     DEFAULT_MAX_TRANSFER,
@@ -88,7 +89,7 @@ class CmdSubmit:
         self.data = data
         self.iso = iso
 
-    def fields(self) -> tuple:
+    def fields(self) -> tuple[Any, ...]:
         return (
             self.command,
             self.seqnum,
@@ -151,7 +152,7 @@ class RetSubmit:
         self.data = data
         self.iso = iso
 
-    def fields(self) -> tuple:
+    def fields(self) -> tuple[Any, ...]:
         return (
             self.command,
             self.seqnum,
@@ -182,7 +183,7 @@ class CmdUnlink:
         self.ep = ep
         self.unlink_seqnum = unlink_seqnum
 
-    def fields(self) -> tuple:
+    def fields(self) -> tuple[Any, ...]:
         return (self.command, self.seqnum, self.devid, self.direction, self.ep, self.unlink_seqnum)
 
     def __repr__(self) -> str:
@@ -200,7 +201,7 @@ class RetUnlink:
         self.ep = ep
         self.status = status
 
-    def fields(self) -> tuple:
+    def fields(self) -> tuple[Any, ...]:
         return (self.command, self.seqnum, self.devid, self.direction, self.ep, self.status)
 
     def __repr__(self) -> str:

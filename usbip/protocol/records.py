@@ -136,7 +136,8 @@ class DeviceRecord:
         if len(data) < DEVICE_RECORD_SIZE:
             raise ProtocolError(f"device record needs {DEVICE_RECORD_SIZE} bytes, got {len(data)}")
         f = _DEV.unpack_from(data)
-        return cls(_cstring(f[0], "path"), _cstring(f[1], "busid"), *f[2:], interfaces=interfaces)
+        # mypy cannot count the struct's fields into the dataclass' positional ones
+        return cls(_cstring(f[0], "path"), _cstring(f[1], "busid"), *f[2:], interfaces=interfaces)  # type: ignore[misc]
 
     def as_dict(self) -> dict[str, object]:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "interfaces"}
@@ -175,7 +176,7 @@ def unpack_devlist_count(data: bytes | memoryview, max_devices: int = MAX_DEVICE
     (n,) = _U32.unpack_from(data)
     if n > max_devices:
         raise ProtocolError(f"device list claims {n} devices (limit {max_devices})")
-    return n
+    return int(n)
 
 
 def unpack_interfaces(data: bytes | memoryview, count: int) -> tuple[InterfaceRecord, ...]:

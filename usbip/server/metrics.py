@@ -200,7 +200,7 @@ class MetricsEndpoint:
         self.host = host
         self.port = port
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_Collector(server))  # type: ignore[arg-type]
+        self.registry.register(_Collector(server))
         self._srv: asyncio.base_events.Server | None = None
 
     async def start(self) -> None:

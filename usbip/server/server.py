@@ -397,9 +397,12 @@ class Server:
         gone_task: asyncio.Future[Any] | None = None
         if isinstance(gone, asyncio.Event):
             gone_task = asyncio.ensure_future(gone.wait())
-            gone_task.add_done_callback(
-                lambda t: t.cancelled() or on_close(ConnectionAbortedError(f"device {device.busid} is gone"))
-            )
+
+            def device_gone(t: asyncio.Future[Any]) -> None:
+                if not t.cancelled():
+                    on_close(ConnectionAbortedError(f"device {device.busid} is gone"))
+
+            gone_task.add_done_callback(device_gone)
         try:
             exc = await done
             if isinstance(exc, ProtocolError):

@@ -270,7 +270,7 @@ class UrbSession:
             urb = urb_from_submit(msg, self.pool.acquire(tbl), self._on_complete)
         else:
             data = msg.data
-            base = data.obj if isinstance(data, memoryview) else data
+            base: Any = data.obj if isinstance(data, memoryview) else data  # what a view pins
             if tbl and tbl * COPY_RATIO < len(base):
                 data = bytes(data)  # do not pin the decoder's receive chunk while this URB is parked
             urb = urb_from_submit(msg, data, self._on_complete)
