@@ -5,12 +5,8 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator
 
-DT_DEVICE = 1
-DT_CONFIG = 2
-DT_STRING = 3
-DT_INTERFACE = 4
-DT_ENDPOINT = 5
-DT_BOS = 15
+from .protocol.constants import Speed
+from .usb.ch9 import DT_DEVICE, DT_ENDPOINT, DT_INTERFACE, XFER_ISOC, XFER_MASK
 
 _DEVICE = struct.Struct("<BBHBBBBHHHBBBB")
 _DEVICE_FIELDS = (
@@ -82,3 +78,14 @@ def endpoints(config: bytes) -> list[dict[str, int]]:
                 }
             )
     return out
+
+
+def urb_interval(b_interval: int, attributes: int, speed: int) -> int:
+    """``urb->interval`` for a periodic endpoint, as a host sets it (usb_fill_int_urb): frames
+    at low and full speed for interrupt endpoints, else 2**(bInterval-1) (micro)frames. The
+    kernel's ``usb_submit_urb`` (usbip-host submits what the wire says) refuses a periodic URB
+    whose interval is 0."""
+    b = b_interval or 1
+    if speed >= Speed.HIGH or attributes & XFER_MASK == XFER_ISOC:
+        return 1 << (min(max(b, 1), 16) - 1)
+    return b

@@ -15,9 +15,11 @@ import pytest
 
 from usbip.client import Cancelled, Disconnected, ImportRefused, RemoteDevice, connect
 from usbip.client import blocking as blocking_client
-from usbip.descriptors import DT_CONFIG, DT_INTERFACE, parse_device_descriptor, walk
+from usbip.descriptors import parse_device_descriptor, walk
+from usbip.device import Urb
 from usbip.protocol.constants import ST_DEV_BUSY, USBIP_RET_SUBMIT, USBIP_RET_UNLINK, Speed
 from usbip.server import Server
+from usbip.usb.ch9 import DT_CONFIG, DT_INTERFACE
 from usbip.virtual import AudioDevice, KeyboardDevice, LoopbackDevice, SerialDevice, StorageDevice, VirtualDevice
 
 from .conftest import (
@@ -392,13 +394,37 @@ def decode(report: bytes) -> str:
     return ch.upper() if shift else ch
 
 
+def test_interrupt_urbs_carry_the_endpoint_interval() -> None:
+    """The client fills urb->interval from the endpoint descriptor, as a host does: the kernel's
+    usbip-host refuses an interrupt URB with interval 0 (usb_submit_urb: -EINVAL)."""
+    intervals: list[int] = []
+
+    class Recording(KeyboardDevice):
+        def submit(self, urb: Urb) -> None:
+            if urb.ep == 1:
+                intervals.append(urb.interval)
+            super().submit(urb)
+
+    async def body() -> None:
+        async with exported(Recording("a", delay=0)) as srv:
+            _conn, dev = await imported(srv)  # reads the descriptors
+            await dev.set_configuration(1)
+            assert len(await dev.interrupt_transfer(0x81, 8)) == 8
+            await dev.interrupt_transfer(0x81, 8, interval=3)
+            await dev.close()
+
+    run(body)
+    assert intervals == [10, 3]  # bInterval 10 at full speed: 10 frames
+
+
 def test_keyboard_types_text() -> None:
     text = "Hello, World! 42\n"
 
     async def body() -> None:
-        kb = KeyboardDevice(text)
+        kb = KeyboardDevice(text, delay=0)
         async with exported(kb) as srv:
             conn, dev = await imported(srv)
+            await dev.set_configuration(1)  # the keyboard types once the host configured it
             typed = []
             for _ in text:
                 down = await dev.interrupt_transfer(0x81, 8)

@@ -267,6 +267,7 @@ def test_client_library_against_subprocess(usbipd: Daemon) -> None:
                 os.close(fd)
             # keyboard:abc types "abc"
             kb = await conn.import_device("100-3")
+            await kb.set_configuration(1)  # typing starts once configured (and a settle delay)
             reports = [await kb.interrupt_transfer(0x81, 8) for _ in range(6)]
             assert reports == [
                 bytes((0, 0, u, 0, 0, 0, 0, 0)) if i % 2 == 0 else bytes(8) for i, u in enumerate((4, 4, 5, 5, 6, 6))

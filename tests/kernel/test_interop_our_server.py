@@ -16,9 +16,9 @@ import json
 import os
 import re
 import shlex
+import stat
 import struct
 import subprocess
-import threading
 import time
 
 import pytest
@@ -151,48 +151,76 @@ _SHIFTED_DIGITS = dict(zip("1234567890", "!@#$%^&*()", strict=True))
 KEY_TO_CHAR = {code: ch for ch, code in _KEYS.items()}
 
 KEYBOARD_TEXT = "Hello usbip 42!\n"
+FIFO_TEXT = "More from the FIFO 7\n"
 
-KEY_READER = r"""
+# Started in the guest BEFORE the attach: waits for the vhci keyboard's event device, opens
+# it at once, and records every EV_KEY event (raw struct input_event: 24 bytes on x86_64).
+# Progress goes to files in the share: kbd-started, kbd-ready (node open), kbd-first (the
+# start text's presses and releases are in), kbd-result (JSON; always written).
+KEY_STREAM_READER = r"""
 import glob, json, os, select, struct, sys, time
-busid, ready, presses = sys.argv[1], sys.argv[2], int(sys.argv[3])
-end = time.monotonic() + 30
-node = None
-while node is None:
-    for d in glob.glob("/sys/class/input/event*"):
-        if "/vhci_hcd." in os.path.realpath(d) and "/%s:" % busid in os.path.realpath(d):
-            node = "/dev/input/" + os.path.basename(d)
-    if node is None:
-        if time.monotonic() > end:
-            sys.exit("no event device for " + busid)
-        time.sleep(0.05)
-while not os.path.exists(node) and time.monotonic() < end:
-    time.sleep(0.05)
-fd = os.open(node, os.O_RDONLY | os.O_NONBLOCK)
-name = open(os.path.realpath("/sys/class/input/" + os.path.basename(node)) + "/device/name").read().strip()
-open(ready, "w").write(node)
-events, n = [], 0
-end = time.monotonic() + 60
-while n < presses * 2 and time.monotonic() < end:
-    r, _, _ = select.select([fd], [], [], 0.5)
-    if not r:
-        continue
-    data = os.read(fd, 24 * 256)
-    for off in range(0, len(data) - 23, 24):
-        sec, usec, etype, code, value = struct.unpack_from("qqHHi", data, off)
-        if etype == 1:  # EV_KEY
-            events.append((code, value))
+share, first, total = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+
+def mark(name, text=""):
+    with open(share + "/" + name + ".tmp", "w") as fh:
+        fh.write(text)
+    os.rename(share + "/" + name + ".tmp", share + "/" + name)
+
+res = {"events": [], "first_at": None, "error": None}
+try:
+    mark("kbd-started")
+    end = time.monotonic() + 150
+    node = None
+    while node is None:
+        for d in glob.glob("/sys/class/input/event*"):
+            if "/vhci_hcd." in os.path.realpath(d):
+                node = "/dev/input/" + os.path.basename(d)
+        if node is None:
+            if time.monotonic() > end:
+                raise RuntimeError("no vhci event device")
+            time.sleep(0.02)
+    while True:
+        try:
+            fd = os.open(node, os.O_RDONLY | os.O_NONBLOCK)
+            break
+        except FileNotFoundError:
+            if time.monotonic() > end:
+                raise
+            time.sleep(0.01)
+    opened = time.monotonic()
+    res["node"] = node
+    res["name"] = open("/sys/class/input/%s/device/name" % os.path.basename(node)).read().strip()
+    mark("kbd-ready", node)
+    n, end = 0, time.monotonic() + 120
+    while n < total * 2 and time.monotonic() < end:
+        if not select.select([fd], [], [], 0.5)[0]:
+            continue
+        data = os.read(fd, 24 * 256)
+        for off in range(0, len(data) - 23, 24):
+            _sec, _usec, etype, code, value = struct.unpack_from("qqHHi", data, off)
+            if etype != 1:  # EV_KEY only
+                continue
+            if not res["events"]:
+                res["first_key_after_open"] = time.monotonic() - opened
+            res["events"].append((code, value))
             if code not in (42, 54) and value in (0, 1):
                 n += 1
-time.sleep(0.5)  # anything after the last release (there should be nothing)
-while select.select([fd], [], [], 0)[0]:
-    data = os.read(fd, 24 * 256)
-    if not data:
-        break
-    for off in range(0, len(data) - 23, 24):
-        sec, usec, etype, code, value = struct.unpack_from("qqHHi", data, off)
-        if etype == 1:
-            events.append((code, value))
-print(json.dumps({"node": node, "name": name, "events": events}))
+                if n == first * 2:
+                    res["first_at"] = len(res["events"])
+                    mark("kbd-first")
+    time.sleep(0.5)  # anything after the last release (there should be nothing)
+    while select.select([fd], [], [], 0)[0]:
+        data = os.read(fd, 24 * 256)
+        if not data:
+            break
+        for off in range(0, len(data) - 23, 24):
+            _sec, _usec, etype, code, value = struct.unpack_from("qqHHi", data, off)
+            if etype == 1:
+                res["events"].append((code, value))
+except BaseException as exc:
+    res["error"] = repr(exc)
+finally:
+    mark("kbd-result", json.dumps(res))
 """
 
 
@@ -214,60 +242,59 @@ def decode_keys(events: list[tuple[int, int]]) -> str:
     return "".join(out)
 
 
-def test_keyboard_types_text(g, our_usbipd):
-    """The kernel's usbhid + hid-generic bind; evdev delivers exactly the typed text.
+def _wait_share_file(g, name: str, timeout: float, log: str) -> None:
+    """Wait for the key reader's ``name`` file in the share (or its result, if it gave up)."""
+    deadline = time.monotonic() + timeout
+    while not (g.share_dir / name).exists():
+        if (g.share_dir / "kbd-result").exists():
+            return  # the reader ended early: the assertions on its result say why
+        if time.monotonic() > deadline:
+            pytest.fail(f"no {name} from the key reader after {timeout}s; its log:\n" + g.run(f"cat {log}").out)
+        time.sleep(0.05)
 
-    The keyboard types its text as soon as the host polls its interrupt endpoint,
-    and the kernel's VT keyboard handler opens (so polls) every keyboard the moment
-    its input device registers, before /dev/input/eventN can be opened. So: HID
-    autoprobe off; attach (usbhid binds); SIGSTOP our server; bind hid-generic by
-    hand (the interrupt IN URB now waits in the stopped server); open the event
-    device; SIGCONT; read."""
-    srv = our_usbipd("keyboard:" + KEYBOARD_TEXT.replace("\n", "\\n"))
+
+def test_keyboard_types_text(g, our_usbipd, tmp_path):
+    """The kernel's usbhid + hid-generic bind; evdev delivers exactly the typed text, with
+    nothing held back by hand: the keyboard types only once the host configured it and the
+    settle delay passed, so a reader started before the attach opens the event device in
+    time. Text written later to the keyboard's FIFO (on the host) arrives too."""
+    fifo = tmp_path / "kbd.fifo"
+    srv = our_usbipd("keyboard:" + KEYBOARD_TEXT.replace("\n", "\\n") + f":fifo={fifo}")
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
     g.run("modprobe usbhid && modprobe evdev && modprobe hid-generic", timeout=120, check=True)
-    g.write_file("/sys/bus/hid/drivers_autoprobe", "0")
-    imp = debian_attach(g, srv, "100-1", KEYBOARD_VID, KEYBOARD_PID)
-    intf = f"/sys/bus/usb/devices/{imp.local_busid}:1.0"
-    r = g.run(
-        gadgets.poll_sh(f"[ -L {intf}/driver ] && ls -d {intf}/0003:* >/dev/null 2>&1", 60)
-        + f"; basename $(readlink {intf}/driver); for h in {intf}/0003:*; do basename $h; done",
-        timeout=90,
-    )
-    assert r.rc == 0, "usbhid did not bind:\n" + r.out + g.run("dmesg | tail -20").out
-    driver, hiddev = r.out.split()[:2]
-    assert driver == "usbhid"
-
-    ready = g.share_dir / "kbd-ready"
-    ready.unlink(missing_ok=True)
-    srv.pause()
-    resumed = threading.Event()
-
-    def resume_when_ready():
-        deadline = time.monotonic() + 120
-        while not ready.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        srv.resume()
-        resumed.set()
-
-    t = threading.Thread(target=resume_when_ready, daemon=True)
+    for name in ("kbd-started", "kbd-ready", "kbd-first", "kbd-result"):
+        (g.share_dir / name).unlink(missing_ok=True)
+    (g.share_dir / "kbd_reader.py").write_text(KEY_STREAM_READER)
+    first, total = len(KEYBOARD_TEXT), len(KEYBOARD_TEXT) + len(FIFO_TEXT)
+    pid, log = g.start_background(f"{shlex.quote(g.python)} {GUEST_SHARE}/kbd_reader.py {GUEST_SHARE} {first} {total}")
     try:
-        g.write_file("/sys/bus/hid/drivers/hid-generic/bind", hiddev)
-        t.start()
-        presses = len(KEYBOARD_TEXT)
-        r = g.run_python(KEY_READER, timeout=150, args=[imp.local_busid, f"{GUEST_SHARE}/kbd-ready", str(presses)])
+        _wait_share_file(g, "kbd-started", 120, log)  # a Python start in the guest takes seconds
+        imp = debian_attach(g, srv, "100-1", KEYBOARD_VID, KEYBOARD_PID)
+        _wait_share_file(g, "kbd-first", 120, log)
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # the server holds the read end
+        try:
+            os.write(fd, FIFO_TEXT.encode())
+        finally:
+            os.close(fd)
+        _wait_share_file(g, "kbd-result", 120, log)
     finally:
-        srv.resume()
-        t.join(130)
-    assert resumed.is_set()
-    assert r.rc == 0, r
-    res = json.loads(r.out.strip().splitlines()[-1])
+        if not (g.share_dir / "kbd-result").exists():
+            g.run(f"kill {pid} 2>/dev/null; true")
+        (g.share_dir / "kbd_reader.py").unlink(missing_ok=True)
+    res = json.loads((g.share_dir / "kbd-result").read_text())
+    print("key reader:", {k: v for k, v in res.items() if k != "events"})
+    assert res["error"] is None, res
     assert res["name"] == "cyusbip Virtual Keyboard", res
     events = [tuple(e) for e in res["events"]]
-    assert decode_keys(events) == KEYBOARD_TEXT, events
+    # the start text complete and in order, then the FIFO's
+    assert decode_keys(events[: res["first_at"]]) == KEYBOARD_TEXT, events
+    assert decode_keys(events) == KEYBOARD_TEXT + FIFO_TEXT, events
     # every key went down once and came back up
     down = {c for c, v in events if v == 1}
     assert all((c, 0) in events for c in down), events
-    assert g.run(f"readlink {intf}/{hiddev}/driver").out.strip().endswith("hid-generic")
+    intf = f"/sys/bus/usb/devices/{imp.local_busid}:1.0"
+    assert g.run(f"basename $(readlink {intf}/driver)").out.strip() == "usbhid"
+    assert "typing 16 characters" in srv.log(), srv.log_tail()
 
 
 # ---------------------------------------------------------------- c. loopback descriptors

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
 from usbip.descriptors import endpoints, interface_classes, walk
 from usbip.protocol.constants import ECONNRESET, EPIPE
-from usbip.virtual import KeyboardDevice
-from usbip.virtual.keyboard import BOOT_KEYBOARD_REPORT, decode_reports
+from usbip.virtual import KeyboardDevice, make_device
+from usbip.virtual.keyboard import BOOT_KEYBOARD_REPORT, DEFAULT_DELAY, decode_reports
 from usbip.virtual.testing import bulk_in, control, get_descriptor, result, set_configuration
 
 
 def make(text=""):
-    dev = KeyboardDevice(text)
+    dev = KeyboardDevice(text, delay=0)  # typing starts at SET_CONFIGURATION
     assert set_configuration(dev, 1) == 0
     return dev
 
@@ -107,3 +108,119 @@ def test_waiting_poll_gets_queued_text_and_cancel():
 def test_unsupported_character():
     with pytest.raises(ValueError):
         KeyboardDevice("é")
+
+
+def test_nothing_typed_before_set_configuration():
+    dev = KeyboardDevice("ab", delay=0)
+    urb = bulk_in(dev, 1, 8)  # the device starts configured, but no host configured it yet
+    assert not urb.done and dev.pending_reports == 4
+    assert set_configuration(dev, 0) == 0  # unconfigured: the endpoint is gone
+    assert urb.status == -108  # ESHUTDOWN
+    assert set_configuration(dev, 1) == 0
+    assert decode_reports(read_reports(dev, 4)) == "ab"
+
+
+def test_settle_delay_without_event_loop():
+    """Driven synchronously (no loop, no timer), the clock is read at the next poll."""
+    dev = KeyboardDevice("q", delay=0.01)
+    assert set_configuration(dev, 1) == 0
+    assert not dev.ready
+    first = bulk_in(dev, 1, 8)
+    assert not first.done
+    deadline = time.monotonic() + 5
+    while not dev.ready and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert dev.ready
+    second = bulk_in(dev, 1, 8)  # the older poll gets the key, this one the release
+    assert result(first)[1][2] == 0x14 and result(second)[1] == bytes(8)
+
+
+def test_reset_and_reconfiguration_restart_the_wait():
+    dev = make("abc")
+    assert decode_reports(read_reports(dev, 2)) == "a"
+    dev.reset()  # port reset (also what a client leaving does): wait for the next SET_CONFIGURATION
+    assert not dev.ready
+    polled = bulk_in(dev, 1, 8)
+    assert not polled.done and dev.pending_reports == 4
+    dev.delay = 60  # a long settle delay from now on
+    assert set_configuration(dev, 1) == 0
+    assert not dev.ready and not polled.done
+    dev.type_text("d")  # queued behind, not typed before the delay either
+    assert not polled.done and dev.pending_reports == 6
+    dev.delay = 0
+    assert set_configuration(dev, 1) == 0  # configured again: the wait restarts (now 0 s)
+    assert dev.ready and polled.done
+    assert decode_reports([result(polled)[1], *read_reports(dev, 5)]) == "bcd"
+
+
+def test_type_text_strict_and_lenient():
+    dev = make()
+    with pytest.raises(ValueError):
+        dev.type_text("aé")
+    assert dev.pending_reports == 0  # nothing of a refused text is queued
+    assert dev.type_text("aé€b", strict=False) == 2
+    assert dev.skipped == 2
+    assert decode_reports(read_reports(dev, 4)) == "ab"
+
+
+def test_queue_cap():
+    dev = KeyboardDevice(delay=0, max_pending=5)
+    assert dev.type_text("abc") == 3
+    assert dev.type_text("defg") == 2 and dev.dropped == 2
+    assert dev.type_text("h") == 0 and dev.dropped == 3
+    assert set_configuration(dev, 1) == 0
+    assert decode_reports(read_reports(dev, 10)) == "abcde"
+    assert dev.type_text("z") == 1
+
+
+def test_bad_delay():
+    for bad in (-1, float("nan"), float("inf")):
+        with pytest.raises(ValueError):
+            KeyboardDevice(delay=bad)
+
+
+@pytest.mark.parametrize(
+    ("spec", "text", "delay", "fifo"),
+    [
+        ("keyboard", "", DEFAULT_DELAY, None),
+        ("keyboard:", "", DEFAULT_DELAY, None),
+        ("keyboard:Hi\\n", "Hi\n", DEFAULT_DELAY, None),
+        ("keyboard:a:b", "a:b", DEFAULT_DELAY, None),
+        ("keyboard:http://x\\t", "http://x\t", DEFAULT_DELAY, None),
+        ("keyboard:x=1", "x=1", DEFAULT_DELAY, None),
+        ("keyboard:ls\\n:delay=3", "ls\n", 3.0, None),
+        ("keyboard:delay=0.25:ls", "ls", 0.25, None),
+        ("keyboard:DELAY=0", "", 0.0, None),
+        ("keyboard:fifo=FIFO", "", DEFAULT_DELAY, "FIFO"),
+        ("keyboard:hello:fifo=FIFO:delay=0", "hello", 0.0, "FIFO"),
+    ],
+)
+def test_spec(spec, text, delay, fifo, tmp_path):
+    path = str(tmp_path / "kbd")
+    dev = make_device(spec.replace("FIFO", path))
+    try:
+        assert isinstance(dev, KeyboardDevice)
+        assert dev.delay == delay
+        assert dev.fifo_path == (path if fifo else None)
+        assert dev.pending_reports == 2 * len(text)
+        dev.delay = 0
+        assert set_configuration(dev, 1) == 0
+        if text:
+            assert decode_reports(read_reports(dev, 2 * len(text))) == text
+    finally:
+        dev.release()
+    assert not (tmp_path / "kbd").exists()  # the FIFO it created is removed again
+
+
+@pytest.mark.parametrize(
+    "spec", ["keyboard:delay=soon", "keyboard:a:delay=-1", "keyboard:delay=nan", "keyboard:fifo=", "keyboard:é"]
+)
+def test_bad_specs(spec):
+    with pytest.raises(ValueError):
+        make_device(spec)
+
+
+def test_fifo_path_that_is_not_a_fifo(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="not a FIFO"):
+        make_device(f"keyboard:fifo={tmp_path / 'file'}")

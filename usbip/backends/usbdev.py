@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 
 from ..errors import CyusbipError
 from ..protocol.constants import Speed
+from ..usb.ch9 import HUB_CLASS
 from .state import DeviceIdentity
 
 DEV_BUS_USB = "/dev/bus/usb"
-HUB_CLASS = 0x09
 SOURCE_SYSFS = "sysfs"
 SOURCE_LIBUSB = "libusb"
 

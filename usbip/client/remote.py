@@ -11,7 +11,7 @@ import struct
 from collections.abc import Awaitable, Callable, Generator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..descriptors import DT_CONFIG, DT_DEVICE, endpoints, parse_device_descriptor
+from ..descriptors import endpoints, parse_device_descriptor, urb_interval
 from ..protocol import (
     HEADER_SIZE,
     USBIP_DIR_IN,
@@ -25,6 +25,7 @@ from ..protocol import (
 )
 from ..protocol.constants import DEFAULT_MAX_TRANSFER, ECONNRESET, URB_ISO_ASAP, USBIP_RET_UNLINK
 from ..stream import Stream, TlsSession
+from ..usb.ch9 import DT_CONFIG, DT_DEVICE
 from .errors import BadReply, Disconnected, Overloaded, Timeout, UsbipError, transfer_error
 from .reconnect import Backoff, ReconnectPolicy
 
@@ -332,7 +333,30 @@ class RemoteDevice:
             return bytes(res.data) if res.data is not None else b""
         return res.actual_length
 
-    interrupt_transfer = bulk_transfer
+    async def interrupt_transfer(
+        self,
+        endpoint: int,
+        data_or_length: bytes | bytearray | memoryview | int,
+        timeout: float | None = 5.0,
+        transfer_flags: int = 0,
+        interval: int | None = None,
+    ) -> bytes | int:
+        """Interrupt IN returns the bytes read, OUT the number written. ``interval`` defaults to the
+        endpoint descriptor's (usbip.descriptors.urb_interval; the kernel's usbip-host refuses
+        an interrupt URB with interval 0), 1 when the descriptors were not read."""
+        if interval is None:
+            interval = self._urb_interval(endpoint)
+        urb = self.submit(endpoint, data_or_length, transfer_flags=transfer_flags, interval=interval)
+        res = await self._transfer(urb, timeout)
+        if endpoint & 0x80:
+            return bytes(res.data) if res.data is not None else b""
+        return res.actual_length
+
+    def _urb_interval(self, endpoint: int) -> int:
+        for ep in self.endpoints():
+            if ep["bEndpointAddress"] == endpoint:
+                return urb_interval(ep["bInterval"], ep["bmAttributes"], self.speed)
+        return 1
 
     async def iso_transfer(
         self,

@@ -9,6 +9,12 @@ from __future__ import annotations
 import errno
 from enum import IntEnum
 
+# endpoint transfer types: USB chapter 9's (usbip.usb.ch9), which the wire's URBs carry too
+from ..usb.ch9 import XFER_BULK as XFER_BULK
+from ..usb.ch9 import XFER_CONTROL as XFER_CONTROL
+from ..usb.ch9 import XFER_INT as XFER_INT
+from ..usb.ch9 import XFER_ISOC as XFER_ISOC
+
 USBIP_VERSION = 0x0111
 USBIP_PORT = 3240
 
@@ -107,19 +113,3 @@ EPROTO = -errno.EPROTO
 EXDEV = -errno.EXDEV
 ENOMEM = -errno.ENOMEM
 EBADR = -errno.EBADR  # usb_submit_urb: a control URB whose wLength is not its transfer length
-
-# bmRequestType / bEndpointAddress direction bit (USB 2.0 spec 9.3.1, 9.6.6)
-USB_DIR_IN = 0x80
-# standard requests (USB 2.0 spec table 9-4) the server itself looks at
-USB_REQ_SET_FEATURE = 0x03
-USB_REQ_SET_CONFIGURATION = 0x09
-USB_REQ_SET_INTERFACE = 0x0B
-# SET_FEATURE(PORT_RESET) to a hub port: bmRequestType class|other (0x23), feature 4 (ch11.h)
-USB_RT_PORT = 0x23
-USB_PORT_FEAT_RESET = 4
-
-# Endpoint transfer types (bmAttributes & 3).
-XFER_CONTROL = 0
-XFER_ISOC = 1
-XFER_BULK = 2
-XFER_INT = 3

@@ -54,13 +54,15 @@ from ..protocol.constants import (
     URB_NO_TRANSFER_DMA_MAP,
     URB_SHORT_NOT_OK,
     URB_ZERO_PACKET,
-    USB_DIR_IN,
-    USB_PORT_FEAT_RESET,
-    USB_REQ_SET_CONFIGURATION,
-    USB_REQ_SET_FEATURE,
-    USB_REQ_SET_INTERFACE,
-    USB_RT_PORT,
     USBIP_CMD_SUBMIT,
+)
+from ..usb.ch9 import (
+    DIR_IN,
+    PORT_FEAT_RESET,
+    RT_PORT,
+    SET_CONFIGURATION,
+    SET_FEATURE,
+    SET_INTERFACE,
     XFER_BULK,
     XFER_CONTROL,
     XFER_ISOC,
@@ -75,7 +77,7 @@ log = logging.getLogger(__name__)
 #: An OUT payload smaller than 1/COPY_RATIO of the decoder buffer it lies in is copied before
 #: it is parked: a small pending URB must not pin a whole receive chunk (256 KiB).
 COPY_RATIO = 4
-_CHANGES_ENDPOINTS = (USB_REQ_SET_CONFIGURATION, USB_REQ_SET_INTERFACE)
+_CHANGES_ENDPOINTS = (SET_CONFIGURATION, SET_INTERFACE)
 MSG_OVERHEAD = 64  # bytes counted per backlogged message besides its payload
 
 MAX_EARLY_UNLINKS = 256  # CMD_UNLINKs held for submits not seen yet
@@ -104,7 +106,7 @@ def control_check(setup: Any, tbl: int, direction: int) -> int:
     wlength = setup[6] | setup[7] << 8
     if wlength != tbl:
         return EBADR
-    if wlength and bool(setup[0] & USB_DIR_IN) != (direction == USBIP_DIR_IN):
+    if wlength and bool(setup[0] & DIR_IN) != (direction == USBIP_DIR_IN):
         return EINVAL
     return 0
 
@@ -303,7 +305,7 @@ class UrbSession:
                 self._refuse(urb, status)
                 return
         setup = msg.setup
-        if ep == 0 and setup[0] == USB_RT_PORT and setup[1] == USB_REQ_SET_FEATURE and setup[2] == USB_PORT_FEAT_RESET:
+        if ep == 0 and setup[0] == RT_PORT and setup[1] == SET_FEATURE and setup[2] == PORT_FEAT_RESET:
             # SET_FEATURE(PORT_RESET): the stub resets the device itself (stub_rx.c: tweak_reset_device_cmd)
             self.invalidate_endpoints()
             try:

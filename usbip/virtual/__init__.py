@@ -7,7 +7,10 @@
   e.g. ``loopback:ss:p1``)
 * ``storage:PATH:SIZE[:ro]`` - mass storage on a disk image (SIZE like 64M, 1G or
   bytes; may be empty, ``storage:PATH`` or ``storage:PATH::ro``, for an existing image)
-* ``keyboard:TEXT`` - HID keyboard typing TEXT (``\\n`` is Enter)
+* ``keyboard[:TEXT][:delay=SECONDS][:fifo=PATH]`` - HID keyboard typing TEXT (``\\n`` is
+  Enter, ``\\t`` Tab) once the host configured it and SECONDS (default 1.5) passed; with
+  ``fifo=PATH`` it also types what is written to the named pipe PATH (created if missing).
+  The option segments may come in any order; every other segment is text (``:`` included)
 * ``serial`` - CDC-ACM serial port bridged to a local PTY (``device.pty_path``)
 * ``audio`` / ``audio:RATE[,RATE...]`` / ``audio:fs`` - USB Audio Class 2.0 stereo 16-bit
   capture (a frame-counter test signal) and playback (counted); 48 kHz unless rates are
@@ -17,6 +20,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from ..protocol.constants import Speed
 from .audio import AudioDevice
@@ -71,7 +75,10 @@ _SPEEDS = {
     "super": Speed.SUPER,
 }
 
-SPEC_HELP = "loopback[:hs|:ss|:fs][:p1], storage:PATH[:SIZE][:ro], keyboard:TEXT, serial, audio[:RATE,...][:fs]"
+SPEC_HELP = (
+    "loopback[:hs|:ss|:fs][:p1], storage:PATH[:SIZE][:ro], keyboard[:TEXT][:delay=S][:fifo=PATH], serial, "
+    "audio[:RATE,...][:fs]"
+)
 
 
 def make_device(spec: str) -> VirtualDevice:
@@ -105,8 +112,7 @@ def make_device(spec: str) -> VirtualDevice:
             raise ValueError(f"bad storage spec {spec!r}: {path} does not exist, give a size (storage:PATH:64M)")
         return StorageDevice(path, size=size, readonly=readonly)
     if kind == "keyboard":
-        text = rest.replace("\\n", "\n").replace("\\t", "\t")
-        return KeyboardDevice(text)
+        return _keyboard(spec, rest)
     if kind == "serial":
         if rest:
             raise ValueError(f"bad serial spec {spec!r}: takes no options")
@@ -114,6 +120,35 @@ def make_device(spec: str) -> VirtualDevice:
     if kind == "audio":
         return _audio(spec, rest)
     raise ValueError(f"unknown virtual device {spec!r}; expected one of: {SPEC_HELP}")
+
+
+def _keyboard(spec: str, rest: str) -> KeyboardDevice:
+    """``keyboard[:TEXT][:delay=SECONDS][:fifo=PATH]``: ``delay=``/``fifo=`` segments are options,
+    the others (joined again with ``:``) the text, so ``keyboard:TEXT`` keeps meaning TEXT."""
+    text: list[str] = []
+    delay: float | None = None
+    fifo: str | None = None
+    for part in rest.split(":") if rest else []:
+        key, eq, value = part.partition("=")
+        key = key.strip().lower()
+        if eq and key == "delay":
+            try:
+                delay = float(value)
+            except ValueError:
+                delay = -1.0
+            if not (0 <= delay <= 86400):
+                raise ValueError(f"bad keyboard delay {value!r} in {spec!r} (seconds, e.g. delay=1.5)")
+        elif eq and key == "fifo":
+            if not value:
+                raise ValueError(f"bad keyboard spec {spec!r}: fifo= needs a path")
+            fifo = value
+        else:
+            text.append(part)
+    kw: dict[str, Any] = {}
+    if delay is not None:
+        kw["delay"] = delay
+    typed = ":".join(text).replace("\\n", "\n").replace("\\t", "\t")
+    return KeyboardDevice(typed, fifo=fifo, **kw)
 
 
 def _audio(spec: str, rest: str) -> AudioDevice:
