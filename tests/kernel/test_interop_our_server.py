@@ -59,9 +59,26 @@ def our_usbip(guest: Guest, args: str, timeout: float = 90):
     return guest.run(f"{shlex.quote(guest.python)} -m usbip.cli.usbip_main {args}", timeout=timeout, cwd=str(REPO))
 
 
+# what drivers/usb/core (config.c, hub.c, message.c) logs about descriptors it had to fix or
+# could not read: a device that looks real gets none of it
+ENUMERATION_COMPLAINTS = re.compile(
+    r"invalid|has no|bogus|duplicate|exceeds|changing to|unable to read|read error|can't read|"
+    r"not enough|too many|malformed|skipping|no string",
+    re.IGNORECASE,
+)
+
+
 def debian_attach(guest: Guest, srv, busid: str, vid: int, pid: int) -> gadgets.ImportedPort:
+    """Debian's ``usbip attach`` of ``busid``; the kernel enumerates it without a complaint."""
+    mark = dmesg_mark(guest)
     imp = gadgets.vhci_attach(guest, busid, HOST_FROM_GUEST, srv.port, vid=vid, pid=pid, timeout=60)
     assert imp.local_busid, imp
+    ours = [line for line in gadgets.dmesg_since(guest, mark).splitlines() if f"usb {imp.local_busid}:" in line]
+    assert ours, "no enumeration lines in dmesg"
+    bad = [line for line in ours if ENUMERATION_COMPLAINTS.search(line)]
+    assert not bad, "the kernel complained about the device's descriptors:\n" + "\n".join(bad)
+    for string in ("Product: ", "Manufacturer: ", "SerialNumber: "):  # what lsusb -v shows too
+        assert any(string in line for line in ours), f"no {string!r} line:\n" + "\n".join(ours)
     return imp
 
 
