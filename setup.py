@@ -1,28 +1,40 @@
-"""Declares the Cython extensions; metadata lives in pyproject.toml."""
+"""Declares the Cython extensions; metadata lives in pyproject.toml.
+
+The .c files are generated here from the .pyx sources (they are not in the repository nor in the
+sdist), so building needs Cython (pyproject's build-system requires it), a C compiler and the
+Python headers. The wheels (scripts/wheel) install without any of these.
+"""
 
 import os
+import sys
 
 from setuptools import Extension, setup
 
 try:
     from Cython.Build import cythonize
-except ImportError:  # building from an sdist without Cython: use the generated C
-    cythonize = None
+except ImportError:
+    sys.exit(
+        "cyusbip: building needs Cython>=3.0 (the generated C is not shipped). "
+        "`pip install .` or `python -m build` install it in an isolated build environment; "
+        "to run setup.py directly, `pip install 'Cython>=3.0'` first. "
+        "To install without a compiler, use the wheel: `pip install cyusbip`."
+    )
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CFLAGS = ["-O3"]
 
 
 def ext(name: str, pyx: str) -> Extension:
-    src = pyx if cythonize else pyx[:-4] + ".c"
-    return Extension(name, [src], include_dirs=[os.path.join(HERE, "csrc")], extra_compile_args=CFLAGS)
+    return Extension(name, [pyx], include_dirs=[os.path.join(HERE, "csrc")], extra_compile_args=CFLAGS)
 
 
-extensions = [
-    ext("usbip.protocol._codec", "usbip/protocol/_codec.pyx"),
-    ext("usbip._buffers", "usbip/_buffers.pyx"),
-]
-if cythonize:
-    extensions = cythonize(extensions, compiler_directives={"language_level": "3"}, quiet=True)
+extensions = cythonize(
+    [
+        ext("usbip.protocol._codec", "usbip/protocol/_codec.pyx"),
+        ext("usbip._buffers", "usbip/_buffers.pyx"),
+    ],
+    compiler_directives={"language_level": "3"},
+    quiet=True,
+)
 
 setup(ext_modules=extensions)

@@ -126,8 +126,8 @@ def test_relay_closes_vhci_when_the_server_goes(certs: dict[str, str], tmp_path:
 def test_vhci_attach_over_tls_with_a_fake_vhci(certs: dict[str, str], tmp_path: Path) -> None:
     """usbip attach's TLS path against a fake vhci sysfs tree whose 'kernel' is this test."""
     from usbip.tls import client_context
-    from usbip.vhci.commands import attach
     from usbip.vhci.driver import VhciDriver
+    from usbip.vhci.imports import attach
 
     d = tmp_path / "platform" / "vhci_hcd.0"
     d.mkdir(parents=True)

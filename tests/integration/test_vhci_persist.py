@@ -20,11 +20,12 @@ from pathlib import Path
 
 import pytest
 
+from usbip.cli.vhci import attach_command, detach_command, format_ports
 from usbip.client import ReconnectPolicy
 from usbip.server import Server
-from usbip.vhci import commands, persist
-from usbip.vhci.commands import attach_device, detach_command, format_ports, imported_ports
+from usbip.vhci import persist
 from usbip.vhci.driver import VDEV_ST_NULL, VDEV_ST_USED, VhciError
+from usbip.vhci.imports import attach_device, imported_ports
 from usbip.virtual import LoopbackDevice
 
 from .helpers import run, wait_until
@@ -403,9 +404,7 @@ def test_foreground_supervisor_ends_with_a_signal_or_detach(drv: FakeVhci, monke
     with open("/proc/self/comm") as f:
         name = f.read()
     try:
-        rc = commands.attach_command(
-            "127.0.0.1", srv.port, BUSID, persist=True, foreground=True, on_ready=ready, driver=drv
-        )
+        rc = attach_command("127.0.0.1", srv.port, BUSID, persist=True, foreground=True, on_ready=ready, driver=drv)
     finally:
         srv.close()
     assert rc == 0

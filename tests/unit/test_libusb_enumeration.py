@@ -535,8 +535,8 @@ def fake_usb1(monkeypatch):
 
 
 def test_list_local_and_bind_through_libusb(tmp_path, fake_usb1, capsys):
+    from usbip.cli.local import bind_command, list_local
     from usbip.cli.usbip_main import main
-    from usbip.localdev import bind_command, list_local
 
     make_sysfs(tmp_path / "sys", "1-1")
     fake_usb1.append(FakeDevice())

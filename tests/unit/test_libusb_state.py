@@ -9,7 +9,7 @@ import os
 import pytest
 
 from usbip.backends.state import BindState, DeviceIdentity, make_rule, normalize_vidpid, parse_rules
-from usbip.localdev import bind_command, list_local
+from usbip.cli.local import bind_command, list_local
 
 DEV_DESC = bytes.fromhex("12010002000000402505a0a4000101020301")
 CONFIG = bytes.fromhex("09022000010100c0320904000002ff0000000705810200020007050102000200")

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from usbip.cli.vhci import format_ports
 from usbip.protocol.constants import Speed
-from usbip.vhci.commands import format_ports, imported_ports
 from usbip.vhci.driver import VDEV_ST_USED, VhciDriver, VhciError, parse_status
+from usbip.vhci.imports import imported_ports
 
 # vhci_sysfs.c: status_show_vhci prints this header and one line per port
 STATUS0 = """hub port sta spd dev      sockfd local_busid

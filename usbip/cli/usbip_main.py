@@ -11,12 +11,12 @@ import ssl
 import sys
 from typing import Any
 
-from .. import __version__
 from ..capture import add_capture_options
 from ..protocol.constants import USBIP_PORT
 from ..tls import client_context
 from . import exitcodes, sdnotify
 from .logs import setup_logging
+from .version import version_string
 
 log = logging.getLogger("usbip")
 ENUMERATE_HELP = (
@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-l", "--log", action="store_true", help="log to syslog as well (accepted for compatibility)")
     p.add_argument("-t", "--tcp-port", type=int, default=USBIP_PORT, metavar="PORT", help="TCP port (default 3240)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--version", action="version", version=f"usbip (cyusbip) {__version__}")
+    p.add_argument("--version", action="version", version=version_string("usbip"))
     add_tls_options(p)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -231,7 +231,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         return exitcodes.OK
     if args.local:
         from ..backends.usbdev import EnumerationError
-        from ..localdev import format_local_list, list_local
+        from .local import format_local_list, list_local
 
         try:
             devices = list_local(enumeration=args.enumerate)
@@ -247,9 +247,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     return exitcodes.FAILURE
 
 
-# ---------------------------------------------------------------- vhci commands
+# ---------------------------------------------------------------- vhci commands (usbip/cli/vhci.py)
 def cmd_attach(args: argparse.Namespace) -> int:
-    from ..vhci.commands import attach_command
+    from .vhci import attach_command
 
     if args.foreground and not args.persist:
         log.error("--foreground goes with --persist")
@@ -270,19 +270,19 @@ def cmd_attach(args: argparse.Namespace) -> int:
 
 
 def cmd_detach(args: argparse.Namespace) -> int:
-    from ..vhci.commands import detach_command
+    from .vhci import detach_command
 
     return detach_command(args.port, as_json=args.json)
 
 
 def cmd_port(args: argparse.Namespace) -> int:
-    from ..vhci.commands import port_command
+    from .vhci import port_command
 
     return port_command(as_json=args.json)
 
 
 def cmd_bind(args: argparse.Namespace) -> int:
-    from ..localdev import bind_command
+    from .local import bind_command
 
     return bind_command(
         args.busid,
@@ -328,8 +328,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from ..bench import bench_command
     from ..capture import capture_from_args
+    from .bench import bench_command
 
     try:
         capture = capture_from_args(args, "usbip bench")
@@ -353,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return exitcodes.USAGE
     if args.command == "version":
-        print(f"usbip (cyusbip) {__version__}")
+        print(version_string("usbip"))
         return exitcodes.OK
     try:
         args.tls_context = tls_from_args(args)

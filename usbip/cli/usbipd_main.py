@@ -15,7 +15,6 @@ import sys
 import tempfile
 from typing import TYPE_CHECKING
 
-from .. import __version__
 from ..backends.discovery import MODES
 from ..backends.discovery import resolve as resolve_enumeration
 from ..capture import CaptureFile, add_capture_options, capture_from_args
@@ -25,6 +24,7 @@ from ..server.limits import MiB, ServerLimits
 from ..tls import server_context
 from . import config, exitcodes, sdnotify
 from .logs import setup_logging
+from .version import version_string
 
 if TYPE_CHECKING:
     from ..server import Server
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-t", "--tcp-port", type=int, default=USBIP_PORT, metavar="PORT", help="TCP port (default 3240)")
     p.add_argument("--host", default=None, help="listen address (default: all addresses)")
     p.add_argument("-d", "--debug", action="store_true", help="print debugging information")
-    p.add_argument("-v", "--version", action="version", version=f"usbipd (cyusbip) {__version__}")
+    p.add_argument("-v", "--version", action="version", version=version_string("usbipd"))
     p.add_argument(
         "--config",
         metavar="FILE",
@@ -252,6 +252,11 @@ async def _run_server(args: argparse.Namespace, capture: CaptureFile | None) -> 
     from ..server import Server
     from ..virtual import demo_devices, make_device
 
+    # from the start: a SIGTERM while starting up ends the server cleanly once it is up
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     devices = []
     try:
         limits = limits_from_args(args)
@@ -344,10 +349,6 @@ async def _run_server(args: argparse.Namespace, capture: CaptureFile | None) -> 
         if not await announcer.start():
             announcer = None
     sdnotify.notify(f"READY=1\nSTATUS=listening on port {server.port}\nMAINPID={os.getpid()}")
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("shutting down")
     sdnotify.notify("STOPPING=1")

@@ -219,7 +219,7 @@ class Supervisor:
 
     def _attach(self, channel: Channel, record: DeviceRecord) -> int:
         """Hand the new import to vhci-hcd (the same port if free) and move the records with it."""
-        from .commands import live_persist_ports, local_socket, plug
+        from .imports import live_persist_ports, local_socket, plug
 
         try:
             sock, relay_pid = local_socket(channel, self.drv)

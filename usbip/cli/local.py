@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 
-from .cli import exitcodes
+from . import exitcodes
 
 log = logging.getLogger("usbip")
 SYSFS_USB = "/sys/bus/usb/devices"
@@ -24,8 +24,8 @@ def list_local(
     """Every USB device but root hubs, with its ids, bound interface driver names (sysfs only)
     and whether a bind rule exports it (``bound``). ValueError for an unknown enumeration,
     :class:`~usbip.backends.usbdev.EnumerationError` when libusb cannot list devices."""
-    from .backends.discovery import make_scanner
-    from .backends.state import BindState
+    from ..backends.discovery import make_scanner
+    from ..backends.state import BindState
 
     state = BindState(state_file)
     state.load()
@@ -49,7 +49,7 @@ def list_local(
 
 def format_local_list(devices: list[dict[str, object]], parsable: bool = False) -> str:
     """What tools/usb/usbip/src/usbip_list.c (list_devices) prints."""
-    from .names import usb_ids
+    from ..names import usb_ids
 
     ids = usb_ids()
     lines = []
@@ -75,8 +75,8 @@ def bind_command(
     enumeration: str | None = None,
 ) -> int:
     """``usbip bind``/``unbind``: add/remove a rule (busid, VID:PID or serial) in the state file."""
-    from .backends.state import BindState, DeviceIdentity, make_rule
-    from .backends.usbdev import EnumerationError
+    from ..backends.state import BindState, DeviceIdentity, make_rule
+    from ..backends.usbdev import EnumerationError
 
     what = "bind" if bind else "unbind"
     try:

@@ -1,26 +1,26 @@
-"""``usbip attach``, ``detach`` and ``port`` on vhci-hcd (tools/usb/usbip/src/usbip_attach.c, _detach.c, _port.c)."""
+"""Imports through vhci-hcd: attach (a plain or TLS import handed to the kernel), detach, and the
+ports in use with their records (what tools/usb/usbip/src/usbip_attach.c, _detach.c and _port.c
+do; the commands are in usbip/cli/vhci.py)."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
-import json
 import logging
 import os
 import socket
 import ssl
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass
 
-from ..cli import exitcodes
-from ..client import Connection, ImportRefused, TlsFailed
+from ..client import Connection
 from ..client.connection import Channel
-from ..protocol import DeviceRecord, ProtocolError
+from ..protocol import DeviceRecord
 from ..tls import TlsChannel
 from . import persist as persist_mod
 from . import relay
-from .driver import SPEED_TEXT, STATUS_TEXT, VhciDriver, VhciError, VhciPort
+from .driver import STATUS_TEXT, VhciDriver, VhciError, VhciPort
 from .persist import pid_alive
 
 log = logging.getLogger("usbip")
@@ -215,107 +215,6 @@ def imported_ports(driver: VhciDriver) -> list[dict[str, object]]:
 REATTACHING = "Re-attaching (persistent import)"
 
 
-def format_ports(ports: list[dict[str, object]]) -> str:
-    """What usbip_vhci_imported_device_dump (libsrc/vhci_driver.c) prints."""
-    from ..names import usb_ids
-
-    ids = usb_ids()
-    lines = ["Imported USB devices", "===================="]
-    for d in ports:
-        speed = SPEED_TEXT.get(int(d["speed"]), "Unknown Speed")  # type: ignore[call-overload]
-        waiting = d["status_text"] == REATTACHING
-        if waiting:
-            lines.append(f"Port {int(d['port']):02d}: <{d['status_text']}>")  # type: ignore[call-overload]
-        else:
-            lines.append(f"Port {int(d['port']):02d}: <{d['status_text']}> at {speed}")  # type: ignore[call-overload]
-            lines.append(f"       {ids.product(int(str(d['idVendor']), 16), int(str(d['idProduct']), 16))}")
-        remote = d["remote"]
-        busid = str(d["local_busid"])
-        notes = []
-        if d.get("tls_relay"):
-            notes.append(f"TLS, relay pid {d['tls_relay']}")
-        sup = d.get("persist")
-        if isinstance(sup, dict):
-            notes.append(f"persistent, supervisor pid {sup['pid']}" + ("" if sup["running"] else " (not running)"))
-        extra = f" ({'; '.join(notes)})" if notes else ""
-        if isinstance(remote, dict):
-            lines.append(f"{busid:>10} -> usbip://{remote['host']}:{remote['port']}/{remote['busid']}{extra}")
-        else:
-            lines.append(f"{busid:>10} -> unknown host, remote port and remote busid{extra}")
-        if not waiting:
-            lines.append(f"{'':>10} -> remote bus/dev {int(d['busnum']):03d}/{int(d['devnum']):03d}")  # type: ignore[call-overload]
-    return "\n".join(lines)
-
-
-def attach_command(
-    host: str,
-    tcp_port: int,
-    busid: str,
-    as_json: bool = False,
-    port: int | None = None,
-    tls: ssl.SSLContext | None = None,
-    server_hostname: str | None = None,
-    persist: bool = False,
-    foreground: bool = False,
-    on_ready: Callable[[], object] | None = None,
-    driver: VhciDriver | None = None,
-) -> int:
-    """``usbip attach``; with ``persist`` a supervisor process keeps the import alive
-    (usbip/vhci/persist.py) once the first import went through; with ``foreground`` too, this
-    process is the supervisor (``on_ready`` is called once the import is attached) and returns
-    when it ends, detaching the device if a signal ended it."""
-    try:
-        drv = driver or VhciDriver()
-        port, record = asyncio.run(
-            attach_device(host, tcp_port, busid, drv, port=port, tls=tls, server_hostname=server_hostname)
-        )
-    except (ImportRefused, TlsFailed) as exc:
-        log.error("%s", exc)
-        return exitcodes.REFUSED
-    except VhciError as exc:
-        log.error("%s", exc.strerror or exc)
-        return exitcodes.USAGE if exc.errno == errno.EINVAL else exitcodes.NO_DRIVER
-    except ProtocolError as exc:
-        log.error("%s:%d: %s", host, tcp_port, exc)
-        return exitcodes.FAILURE
-    except (OSError, asyncio.TimeoutError) as exc:
-        log.error("could not connect to %s:%d: %s", host, tcp_port, exc or "timed out")
-        return exitcodes.UNREACHABLE
-    supervisor = None
-    if persist:
-        target = persist_mod.Target(host, tcp_port, busid, tls, server_hostname)
-        if foreground:
-            return _supervise_here(drv, target, port, record, on_ready)
-        try:
-            supervisor = persist_mod.spawn(drv, target, port, record.devid)
-        except (OSError, VhciError) as exc:
-            log.error("%s is attached to port %d but will not be kept alive: %s", busid, port, exc)
-            return exitcodes.FAILURE
-        log.info("port %d: persistent import, supervisor pid %d (log: %s)", port, supervisor, persist_mod.log_path(drv))
-    if as_json:
-        doc: dict[str, object] = {"port": port, "host": host, "busid": busid}
-        if supervisor is not None:
-            doc["persist"] = supervisor
-        print(json.dumps(doc))
-    else:
-        log.debug("%s from %s attached to port %d", busid, host, port)
-    return exitcodes.OK
-
-
-def _supervise_here(
-    drv: VhciDriver, target: persist_mod.Target, port: int, record: DeviceRecord, on_ready: Callable[[], object] | None
-) -> int:
-    log.info("port %d: persistent import, supervised by this process (pid %d)", port, os.getpid())
-    try:
-        why, port, signalled = persist_mod.run_foreground(drv, target, port, record.devid, on_ready=on_ready)
-    except (OSError, VhciError) as exc:
-        log.error("%s is attached to port %d but will not be kept alive: %s", target.busid, port, exc)
-        return exitcodes.FAILURE
-    if signalled:  # `systemctl stop`, Ctrl-C: the import ends with its supervisor
-        return detach_command(port, driver=drv)
-    return exitcodes.OK if why.startswith("the persist record is gone") else exitcodes.FAILURE
-
-
 @contextlib.contextmanager
 def _records_lock(drv: VhciDriver, port: int) -> Iterator[None]:
     """``persist.lock`` if it can be had (a detach by root without persistent imports works without)."""
@@ -332,57 +231,38 @@ def _records_lock(drv: VhciDriver, port: int) -> Iterator[None]:
         yield
 
 
-def detach_command(port: int, as_json: bool = False, driver: VhciDriver | None = None) -> int:
-    """``usbip detach``: also ends the port's TLS relay and the supervisor of a persistent import.
+@dataclass(frozen=True)
+class Detached:
+    """What :func:`detach` did: whether vhci-hcd held an import on the port, and the supervisor
+    of a persistent import it stopped."""
 
-    The records go first, under the lock the supervisor re-attaches under: a supervisor
-    that finds its record gone re-attaches nothing, whatever it was doing."""
-    supervisor = None
-    try:
-        drv = driver or VhciDriver()
-        known = {p.port: p for p in drv.ports()}
-        if port not in known:
-            log.error("invalid port %d (vhci-hcd has ports 0..%d)", port, max(known, default=-1))
-            return exitcodes.USAGE
-        with _records_lock(drv, port):
-            supervisor = drv.read_persist(port)
-            relay_pid = drv.read_relay(port)
-            p: VhciPort = next(q for q in drv.ports() if q.port == port)  # as of now, under the lock
-            drv.remove_record(port)
-            if p.in_use:
-                drv.detach(port)
-        if supervisor is not None:
-            persist_mod.stop(supervisor)
-        if not p.in_use:
-            if relay_pid is not None:
-                relay.stop(relay_pid)
-            if supervisor is None:
-                log.info("Port %d is already detached!", port)
-                return exitcodes.OK
-        elif relay_pid is not None:
+    port: int
+    was_attached: bool
+    supervisor: int | None
+
+
+def detach(port: int, driver: VhciDriver | None = None) -> Detached:
+    """Detach vhci ``port``; also end its TLS relay and the supervisor of a persistent import.
+
+    The records go first, under the lock the supervisor re-attaches under: a supervisor that
+    finds its record gone re-attaches nothing, whatever it was doing. VhciError (EINVAL for a
+    port vhci-hcd does not have)."""
+    drv = driver or VhciDriver()
+    known = {p.port for p in drv.ports()}
+    if port not in known:
+        raise VhciError(errno.EINVAL, f"invalid port {port} (vhci-hcd has ports 0..{max(known, default=-1)})")
+    with _records_lock(drv, port):
+        supervisor = drv.read_persist(port)
+        relay_pid = drv.read_relay(port)
+        p: VhciPort = next(q for q in drv.ports() if q.port == port)  # as of now, under the lock
+        drv.remove_record(port)
+        if p.in_use:
+            drv.detach(port)
+    if supervisor is not None:
+        persist_mod.stop(supervisor)
+    if relay_pid is not None:
+        if p.in_use:
             _end_relay(relay_pid)
-    except VhciError as exc:
-        log.error("%s", exc.strerror or exc)
-        return exitcodes.NO_DRIVER
-    if as_json:
-        doc: dict[str, object] = {"port": port, "detached": True}
-        if supervisor is not None:
-            doc["persist_stopped"] = supervisor
-        print(json.dumps(doc))
-    else:
-        print(f"port {port} is now detached!")
-    return exitcodes.OK
-
-
-def port_command(as_json: bool = False) -> int:
-    try:
-        drv = VhciDriver()
-        ports = imported_ports(drv)
-    except VhciError as exc:
-        log.error("%s", exc.strerror or exc)
-        return exitcodes.NO_DRIVER
-    if as_json:
-        print(json.dumps({"ports": ports}, indent=2))
-    else:
-        print(format_ports(ports))
-    return exitcodes.OK
+        else:
+            relay.stop(relay_pid)
+    return Detached(port, p.in_use, supervisor)
