@@ -32,11 +32,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .tools.build import BuildError, build
+
 BENCH_DIR = pathlib.Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
-sys.path.insert(0, str(BENCH_DIR / "tools"))
-
-from build import BuildError, build  # noqa: E402
 
 __all__ = ["BuildError", "build"]  # re-exported for the tests
 

@@ -1,6 +1,6 @@
 """Regenerate the README's results table (markdown) and a PNG plot from the e2e JSON.
 
-    python3 benchmarks/report.py [JSON] [--png PATH] [--readme README.md]
+    python3 -m benchmarks.report [JSON] [--png PATH] [--readme README.md]
 
 JSON defaults to .benchmarks/latest.json (written by ``pytest benchmarks/test_e2e.py
 --benchmark-only``, test_gigabit.py and test_tls.py; each keeps the others' part). The
@@ -17,9 +17,7 @@ import pathlib
 import sys
 from typing import Any
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-
-from _harness import (
+from ._harness import (
     CEILING,
     OURS,
     PURE,

@@ -7,10 +7,11 @@ import socket
 import subprocess
 
 import pytest
-from _harness import CEILING, OURS, PYTHON, REPO, BuildError, ServerProc, build
 
 from usbip.bench import first_bulk_endpoints, plan
 from usbip.cli import exitcodes
+
+from ._harness import CEILING, OURS, PYTHON, REPO, BuildError, ServerProc, build
 
 RESULT_KEYS = {
     "name",

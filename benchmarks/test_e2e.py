@@ -15,7 +15,8 @@ once for ~0.3 s against each server, just to prove it works.
 from __future__ import annotations
 
 import pytest
-from _harness import (
+
+from ._harness import (
     CEILING,
     OURS,
     PURE,

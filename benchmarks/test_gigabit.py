@@ -22,7 +22,8 @@ import subprocess
 import textwrap
 
 import pytest
-from _harness import (
+
+from ._harness import (
     CEILING,
     OURS,
     PYTHON,

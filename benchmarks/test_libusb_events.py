@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
 import time
 from collections import defaultdict
 
 import pytest
-from _harness import REPO, env_int, run_settings
 
-sys.path.insert(0, str(REPO))
 from tests.kernel import gadgets
 from tests.kernel.harness import Guest, skip_reason
+
+from ._harness import env_int, run_settings
 
 MODES = ("pollfd", "thread")
 PORT = 3240

@@ -25,7 +25,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from _harness import OURS, ServerProc, run_settings
+
+from ._harness import OURS, ServerProc, run_settings
 
 pytest.importorskip("usb")
 import usb.core

@@ -27,7 +27,8 @@ import time
 from typing import Any
 
 import pytest
-from _harness import (
+
+from ._harness import (
     OURS,
     PLAIN,
     TLS,

@@ -1,0 +1,1 @@
+"""C tools of the benchmarks (the load generator, the ceiling server) and their build."""
