@@ -53,7 +53,7 @@ def report(log: logging.Logger, exc: BaseException, host: str | None = None, por
     where = f"{host}:{port}" if host is not None else ""
     if code == UNREACHABLE and where:
         log.error("could not connect to %s: %s", where, exc or "timed out")
-    elif isinstance(exc, OSError) and exc.strerror and not where:
+    elif isinstance(exc, OSError) and exc.strerror:  # vhci-hcd's, the state file's: no "[Errno N]"
         log.error("%s", exc.strerror)
     elif where and code == FAILURE:
         log.error("%s: %s", where, exc)
