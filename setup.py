@@ -1,8 +1,11 @@
 """Declares the Cython extensions; metadata lives in pyproject.toml.
 
-The .c files are generated here from the .pyx sources (they are not in the repository nor in the
-sdist), so building needs Cython (pyproject's build-system requires it), a C compiler and the
+The .c files are generated here from the Cython sources (they are not in the repository nor in
+the sdist), so building needs Cython (pyproject's build-system requires it), a C compiler and the
 Python headers. The wheels (scripts/wheel) install without any of these.
+
+``usbip.protocol._codec`` is compiled from the pure-Python ``usbip/protocol/codec.py``
+(Cython's pure Python mode), which ``usbip/protocol/_codec.pxd`` augments with C types.
 """
 
 import os
@@ -24,16 +27,24 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CFLAGS = ["-O3"]
 
 
-def ext(name: str, pyx: str) -> Extension:
-    return Extension(name, [pyx], include_dirs=[os.path.join(HERE, "csrc")], extra_compile_args=CFLAGS)
+def ext(name: str, source: str, depends: tuple[str, ...] = ()) -> Extension:
+    return Extension(
+        name, [source], include_dirs=[os.path.join(HERE, "csrc")], extra_compile_args=CFLAGS, depends=list(depends)
+    )
 
 
+# annotation_typing off: the C types come from the .pxd, the annotations are for type checkers
 extensions = cythonize(
     [
-        ext("usbip.protocol._codec", "usbip/protocol/_codec.pyx"),
+        # Cython does not see an augmenting .pxd named after another module: list it
+        ext(
+            "usbip.protocol._codec",
+            "usbip/protocol/codec.py",
+            ("usbip/protocol/_codec.pxd", "usbip/protocol/_wire.pxd"),
+        ),
         ext("usbip._buffers", "usbip/_buffers.pyx"),
     ],
-    compiler_directives={"language_level": "3"},
+    compiler_directives={"language_level": "3", "annotation_typing": False, "warn.unreachable": False},
     quiet=True,
 )
 

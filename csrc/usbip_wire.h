@@ -1,5 +1,6 @@
 /*
- * Byte-level helpers for the USB/IP wire format, used from usbip/protocol/_codec.pyx.
+ * Byte-level helpers for the USB/IP wire format, declared for Cython in usbip/protocol/_wire.pxd
+ * and used by the compiled codec (usbip/protocol/codec.py built as usbip.protocol._codec).
  *
  * struct usbip_header (48 bytes) and struct usbip_iso_packet_descriptor (16 bytes)
  * are laid out in drivers/usb/usbip/usbip_common.h: every field a big-endian 32-bit
@@ -27,7 +28,7 @@ static inline void usbip_put_be32(unsigned char *p, uint32_t v)
     p[3] = (unsigned char)v;
 }
 
-/* Header as twelve 32-bit words (the last two are the setup packet for CMD_SUBMIT). */
+/* Header as ten 32-bit words, then the 8-byte setup packet (CMD_SUBMIT) or zeros. */
 static inline void usbip_unpack_words(const unsigned char *p, uint32_t w[10])
 {
     for (int i = 0; i < 10; i++)
@@ -44,68 +45,63 @@ static inline void usbip_pack_words(unsigned char *p, const uint32_t w[10], cons
         memset(p + 40, 0, 8);
 }
 
-/* One iso descriptor: offset, length, actual_length, status. */
-typedef struct {
-    uint32_t offset;
-    uint32_t length;
-    uint32_t actual_length;
-    int32_t status;
-} usbip_iso_desc;
-
-static inline void usbip_iso_unpack(const unsigned char *p, usbip_iso_desc *d, int n)
-{
-    for (int i = 0; i < n; i++, p += USBIP_ISO_DESC_SIZE) {
-        d[i].offset = usbip_get_be32(p);
-        d[i].length = usbip_get_be32(p + 4);
-        d[i].actual_length = usbip_get_be32(p + 8);
-        d[i].status = (int32_t)usbip_get_be32(p + 12);
-    }
-}
-
-static inline void usbip_iso_pack(unsigned char *p, const usbip_iso_desc *d, int n)
-{
-    for (int i = 0; i < n; i++, p += USBIP_ISO_DESC_SIZE) {
-        usbip_put_be32(p, d[i].offset);
-        usbip_put_be32(p + 4, d[i].length);
-        usbip_put_be32(p + 8, d[i].actual_length);
-        usbip_put_be32(p + 12, (uint32_t)d[i].status);
-    }
-}
-
 /*
- * Checks that every packet lies inside a buffer of buflen bytes and that
- * actual_length <= length. Returns -1 when all is well, else the index of the
- * first bad packet; *total gets the sum of actual lengths.
+ * Iso descriptors are kept as they travel: n records of 16 bytes (offset, length,
+ * actual_length, status), each a big-endian 32-bit word. IsoPackets stores that
+ * array as is, so unpacking and packing descriptors is a copy.
  */
-static inline int usbip_iso_check(const usbip_iso_desc *d, int n, uint64_t buflen, uint64_t *total,
-                                  int *why)
+static inline void usbip_iso_put(unsigned char *p, uint32_t offset, uint32_t length, uint32_t actual,
+                                 int32_t status)
+{
+    usbip_put_be32(p, offset);
+    usbip_put_be32(p + 4, length);
+    usbip_put_be32(p + 8, actual);
+    usbip_put_be32(p + 12, (uint32_t)status);
+}
+
+#define USBIP_ISO_OFFSET(d, i) usbip_get_be32((d) + USBIP_ISO_DESC_SIZE * (i))
+#define USBIP_ISO_LENGTH(d, i) usbip_get_be32((d) + USBIP_ISO_DESC_SIZE * (i) + 4)
+#define USBIP_ISO_ACTUAL(d, i) usbip_get_be32((d) + USBIP_ISO_DESC_SIZE * (i) + 8)
+#define USBIP_ISO_STATUS(d, i) ((int32_t)usbip_get_be32((d) + USBIP_ISO_DESC_SIZE * (i) + 12))
+
+/* Index of the first packet outside a buffer of buflen bytes or with actual_length > length; -1 if none. */
+static inline int usbip_iso_first_bad(const unsigned char *d, int n, uint64_t buflen)
+{
+    for (int i = 0; i < n; i++) {
+        if ((uint64_t)USBIP_ISO_OFFSET(d, i) + USBIP_ISO_LENGTH(d, i) > buflen)
+            return i;
+        if (USBIP_ISO_ACTUAL(d, i) > USBIP_ISO_LENGTH(d, i))
+            return i;
+    }
+    return -1;
+}
+
+static inline uint64_t usbip_iso_total(const unsigned char *d, int n)
 {
     uint64_t sum = 0;
-    for (int i = 0; i < n; i++) {
-        if ((uint64_t)d[i].offset + d[i].length > buflen) {
-            *why = 1;
-            return i;
-        }
-        if (d[i].actual_length > d[i].length) {
-            *why = 2;
-            return i;
-        }
-        sum += d[i].actual_length;
-    }
-    *total = sum;
-    return -1;
+    for (int i = 0; i < n; i++)
+        sum += USBIP_ISO_ACTUAL(d, i);
+    return sum;
+}
+
+static inline int usbip_iso_errors(const unsigned char *d, int n)
+{
+    int c = 0;
+    for (int i = 0; i < n; i++)
+        c += USBIP_ISO_STATUS(d, i) != 0;
+    return c;
 }
 
 /* Copy each packet's actual bytes from src (at its offset) to dst back to back. */
 static inline int64_t usbip_iso_gather(const unsigned char *src, uint64_t srclen, unsigned char *dst,
-                                       uint64_t dstlen, const usbip_iso_desc *d, int n)
+                                       uint64_t dstlen, const unsigned char *d, int n)
 {
     uint64_t pos = 0;
     for (int i = 0; i < n; i++) {
-        uint64_t a = d[i].actual_length;
-        if ((uint64_t)d[i].offset + a > srclen || pos + a > dstlen)
+        uint64_t off = USBIP_ISO_OFFSET(d, i), a = USBIP_ISO_ACTUAL(d, i);
+        if (off + a > srclen || pos + a > dstlen)
             return -1;
-        memcpy(dst + pos, src + d[i].offset, a);
+        memcpy(dst + pos, src + off, a);
         pos += a;
     }
     return (int64_t)pos;
@@ -116,19 +112,19 @@ static inline int64_t usbip_iso_gather(const unsigned char *src, uint64_t srclen
  * last first (as usbip_pad_iso in usbip_common.c). The caller has checked that
  * the actual lengths add up to `actual`.
  */
-static inline int usbip_iso_spread(unsigned char *buf, uint64_t buflen, uint64_t actual,
-                                   const usbip_iso_desc *d, int n)
+static inline int usbip_iso_spread(unsigned char *buf, uint64_t buflen, uint64_t actual, const unsigned char *d,
+                                   int n)
 {
     uint64_t pos = actual;
     if (actual > buflen)
         return -1;
     for (int i = n - 1; i >= 0; i--) {
-        uint64_t a = d[i].actual_length;
+        uint64_t off = USBIP_ISO_OFFSET(d, i), a = USBIP_ISO_ACTUAL(d, i);
         pos -= a;
-        if ((uint64_t)d[i].offset + a > buflen)
+        if (off + a > buflen)
             return -1;
-        if (d[i].offset != pos && a)
-            memmove(buf + d[i].offset, buf + pos, a);
+        if (off != pos && a)
+            memmove(buf + off, buf + pos, a);
     }
     return 0;
 }

@@ -1,4 +1,3 @@
-# The compiled codec (_codec.pyx) has the pure-Python twin's API (the differential tests hold
-# both to it): type checkers see the twin's types.
+# usbip.protocol._codec is codec.py compiled by Cython (with _codec.pxd): type checkers see codec.py's types.
 from .codec import *  # noqa: F403
 from .codec import __all__ as __all__

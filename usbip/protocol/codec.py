@@ -1,10 +1,17 @@
-"""Pure-Python reference of the URB-phase codec (headers, iso descriptors, stream decoder).
+"""The URB-phase codec (headers, iso descriptors, stream decoder), written once.
 
-The compiled twin is ``usbip.protocol._codec`` with the same names and behaviour;
-``usbip.protocol`` picks one at import. Layouts are those of ``struct usbip_header``
-and ``struct usbip_iso_packet_descriptor`` in ``drivers/usb/usbip/usbip_common.h``
-(see also ``Documentation/usb/usbip_protocol.rst``): every field a big-endian 32-bit
-integer except the 8-byte setup packet, which travels exactly as on USB.
+This file runs as it is (``usbip.protocol.codec``: the fallback when the extension is
+missing or ``USBIP_NO_EXTENSIONS=1``, and the reference of the differential tests),
+and Cython compiles it, augmented by ``_codec.pxd`` (C types of the classes,
+attributes and locals), into ``usbip.protocol._codec``; ``usbip.protocol`` picks one
+at import. Where the compiled build reaches bytes directly, an ``if cython.compiled``
+branch calls the C helpers of ``_wire.pxd`` / ``csrc/usbip_wire.h``; the other branch is
+the same operation with ``struct``.
+
+Layouts are those of ``struct usbip_header`` and ``struct usbip_iso_packet_descriptor``
+in ``drivers/usb/usbip/usbip_common.h`` (see also ``Documentation/usb/usbip_protocol.rst``):
+every field a big-endian 32-bit integer except the 8-byte setup packet, which travels
+exactly as on USB.
 """
 
 from __future__ import annotations
@@ -12,6 +19,11 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Iterable
 from typing import Any
+
+try:
+    import cython
+except ImportError:  # Cython is only needed to build: plain Python sees compiled == False
+    from . import _cython_shim as cython  # type: ignore[no-redef,unused-ignore]
 
 from .constants import (
     DEFAULT_MAX_TRANSFER,
@@ -27,20 +39,26 @@ from .constants import (
 )
 from .errors import ProtocolError
 
-IMPLEMENTATION = "python"
+if cython.compiled:
+    from cython.cimports.usbip.protocol import _wire  # type: ignore[import-not-found,unused-ignore]
 
-_BASIC = struct.Struct(">IIIII")
-_CMD_SUBMIT = struct.Struct(">IIIIIIiiii8s")
+IMPLEMENTATION = "cython" if cython.compiled else "python"
+
+_HEADER = struct.Struct(">IIIIIIiiii8s")  # CMD_SUBMIT's signedness; _s32 fixes word 5 of the replies
+_CMD_SUBMIT = _HEADER
 _RET_SUBMIT = struct.Struct(">IIIIIiiiii8x")
 _CMD_UNLINK = struct.Struct(">IIIIII24x")
 _RET_UNLINK = struct.Struct(">IIIIIi24x")
 _ISO = struct.Struct(">IIIi")
-_U32 = struct.Struct(">I")
 _ZERO_SETUP = bytes(8)
 assert _CMD_SUBMIT.size == _RET_SUBMIT.size == _CMD_UNLINK.size == _RET_UNLINK.size == HEADER_SIZE
+assert _ISO.size == ISO_DESC_SIZE
 
 
 def _s32(v: int) -> int:
+    """A 32-bit word read as signed (the compiled build: a C cast)."""
+    if cython.compiled:
+        return v
     return v - (1 << 32) if v & 0x80000000 else v
 
 
@@ -227,23 +245,19 @@ def pack_cmd_submit(
     setup: bytes = _ZERO_SETUP,
 ) -> int:
     """Write a CMD_SUBMIT header at ``buf[offset:offset+48]``; return the end offset."""
+    if type(setup) is not bytes:
+        setup = bytes(setup)
     if len(setup) != 8:
         raise ValueError("setup packet must be 8 bytes")
+    if cython.compiled:
+        w = [USBIP_CMD_SUBMIT, seqnum, devid, direction, ep, transfer_flags,
+             transfer_buffer_length, start_frame, number_of_packets, interval]  # fmt: skip
+        end: int = _wire.write_header(buf, offset, w, setup)
+        return end
     _CMD_SUBMIT.pack_into(
-        buf,
-        offset,
-        USBIP_CMD_SUBMIT,
-        seqnum,
-        devid,
-        direction,
-        ep,
-        transfer_flags,
-        transfer_buffer_length,
-        start_frame,
-        number_of_packets,
-        interval,
-        bytes(setup),
-    )
+        buf, offset, USBIP_CMD_SUBMIT, seqnum, devid, direction, ep, transfer_flags,
+        transfer_buffer_length, start_frame, number_of_packets, interval, setup,
+    )  # fmt: skip
     return offset + HEADER_SIZE
 
 
@@ -261,26 +275,25 @@ def pack_ret_submit(
     ep: int = 0,
 ) -> int:
     """Write a RET_SUBMIT header. The kernel stub leaves devid/direction/ep zero (stub_tx.c)."""
+    if cython.compiled:
+        w = [USBIP_RET_SUBMIT, seqnum, devid, direction, ep, status,
+             actual_length, start_frame, number_of_packets, error_count]  # fmt: skip
+        end: int = _wire.write_header(buf, offset, w, None)
+        return end
     _RET_SUBMIT.pack_into(
-        buf,
-        offset,
-        USBIP_RET_SUBMIT,
-        seqnum,
-        devid,
-        direction,
-        ep,
-        status,
-        actual_length,
-        start_frame,
-        number_of_packets,
-        error_count,
-    )
+        buf, offset, USBIP_RET_SUBMIT, seqnum, devid, direction, ep, status,
+        actual_length, start_frame, number_of_packets, error_count,
+    )  # fmt: skip
     return offset + HEADER_SIZE
 
 
 def pack_cmd_unlink(
     buf: bytearray | memoryview, offset: int, seqnum: int, devid: int, direction: int, ep: int, unlink_seqnum: int
 ) -> int:
+    if cython.compiled:
+        w = [USBIP_CMD_UNLINK, seqnum, devid, direction, ep, unlink_seqnum, 0, 0, 0, 0]
+        end: int = _wire.write_header(buf, offset, w, None)
+        return end
     _CMD_UNLINK.pack_into(buf, offset, USBIP_CMD_UNLINK, seqnum, devid, direction, ep, unlink_seqnum)
     return offset + HEADER_SIZE
 
@@ -294,58 +307,102 @@ def pack_ret_unlink(
     direction: int = 0,
     ep: int = 0,
 ) -> int:
+    if cython.compiled:
+        w = [USBIP_RET_UNLINK, seqnum, devid, direction, ep, status, 0, 0, 0, 0]
+        end: int = _wire.write_header(buf, offset, w, None)
+        return end
     _RET_UNLINK.pack_into(buf, offset, USBIP_RET_UNLINK, seqnum, devid, direction, ep, status)
     return offset + HEADER_SIZE
+
+
+def _decode(buf: bytes | bytearray | memoryview, offset: int) -> Message:
+    """The message of the 48-byte header at ``buf[offset:]`` (the caller checked the length)."""
+    if cython.compiled:
+        setup = _wire.read_header(buf, offset, w)  # type: ignore[has-type,used-before-def]  # noqa: F821 (uint32_t[10] in _codec.pxd)
+    else:
+        w = _HEADER.unpack_from(buf, offset)
+        setup = w[10]
+    command = w[0]
+    if command == USBIP_CMD_SUBMIT:
+        cs = CmdSubmit.__new__(CmdSubmit)
+        cs.seqnum, cs.devid, cs.direction, cs.ep, cs.transfer_flags = w[1], w[2], w[3], w[4], w[5]
+        cs.transfer_buffer_length, cs.start_frame, cs.number_of_packets, cs.interval = w[6], w[7], w[8], w[9]
+        cs.setup, cs.data, cs.iso = setup, None, None
+        return cs
+    if command == USBIP_RET_SUBMIT:
+        rs = RetSubmit.__new__(RetSubmit)
+        rs.seqnum, rs.devid, rs.direction, rs.ep, rs.status = w[1], w[2], w[3], w[4], _s32(w[5])
+        rs.actual_length, rs.start_frame, rs.number_of_packets, rs.error_count = w[6], w[7], w[8], w[9]
+        rs.data, rs.iso = None, None
+        return rs
+    if command == USBIP_CMD_UNLINK:
+        cu = CmdUnlink.__new__(CmdUnlink)
+        cu.seqnum, cu.devid, cu.direction, cu.ep, cu.unlink_seqnum = w[1], w[2], w[3], w[4], w[5]
+        return cu
+    if command == USBIP_RET_UNLINK:
+        ru = RetUnlink.__new__(RetUnlink)
+        ru.seqnum, ru.devid, ru.direction, ru.ep, ru.status = w[1], w[2], w[3], w[4], _s32(w[5])
+        return ru
+    raise ProtocolError(f"unknown USB/IP command 0x{command:08x}")
 
 
 def unpack_header(buf: bytes | bytearray | memoryview, offset: int = 0) -> Message:
     """Decode one 48-byte header (no payload); raise ProtocolError on an unknown command."""
     if offset < 0:
         raise ValueError(f"negative offset {offset}")
-    if len(buf) - offset < HEADER_SIZE:
-        raise ProtocolError(f"URB header needs {HEADER_SIZE} bytes, got {len(buf) - offset}")
-    command, seqnum, devid, direction, ep = _BASIC.unpack_from(buf, offset)
-    if command == USBIP_CMD_SUBMIT:
-        f = _CMD_SUBMIT.unpack_from(buf, offset)
-        return CmdSubmit(seqnum, devid, direction, ep, f[5], f[6], f[7], f[8], f[9], f[10])
-    if command == USBIP_RET_SUBMIT:
-        f = _RET_SUBMIT.unpack_from(buf, offset)
-        return RetSubmit(seqnum, f[5], f[6], f[7], f[8], f[9], devid, direction, ep)
-    if command == USBIP_CMD_UNLINK:
-        f = _CMD_UNLINK.unpack_from(buf, offset)
-        return CmdUnlink(seqnum, devid, direction, ep, f[5])
-    if command == USBIP_RET_UNLINK:
-        f = _RET_UNLINK.unpack_from(buf, offset)
-        return RetUnlink(seqnum, f[5], devid, direction, ep)
-    raise ProtocolError(f"unknown USB/IP command 0x{command:08x}")
+    n = len(buf) if type(buf) is bytes or type(buf) is bytearray or not cython.compiled else _wire.buf_len(buf)
+    if n - offset < HEADER_SIZE:
+        raise ProtocolError(f"URB header needs {HEADER_SIZE} bytes, got {n - offset}")
+    return _decode(buf, offset)
 
 
 # ---------------------------------------------------------------- iso descriptors
-class IsoPackets:
-    """An array of isochronous packet descriptors: (offset, length, actual_length, status)."""
+def _iso_put(iso: IsoPackets, i: int, offset: int, length: int, actual_length: int, status: int) -> None:
+    if cython.compiled:
+        _wire.usbip_iso_put(_wire.ba_ptr(iso._raw) + i * ISO_DESC_SIZE, offset, length, actual_length, status)
+    else:
+        _ISO.pack_into(iso._raw, i * ISO_DESC_SIZE, offset, length, actual_length, status)
 
-    __slots__ = ("_d",)
+
+def _iso_of(raw: bytearray) -> IsoPackets:
+    """IsoPackets around ``raw`` (whole descriptors, at most USBIP_MAX_ISO_PACKETS: checked by the caller)."""
+    iso = IsoPackets.__new__(IsoPackets)
+    iso._n = len(raw) // ISO_DESC_SIZE
+    iso._raw = raw
+    return iso
+
+
+class IsoPackets:
+    """An array of isochronous packet descriptors: (offset, length, actual_length, status).
+
+    Kept as they travel (16 big-endian bytes each, in ``_raw``): unpacking and packing
+    them is a copy; the compiled build reads them with the C helpers of usbip_wire.h.
+    """
+
+    __slots__ = ("_n", "_raw")
 
     def __init__(self, count: int = 0) -> None:
         if count < 0 or count > USBIP_MAX_ISO_PACKETS:
             raise ValueError(f"number of iso packets {count} outside 0..{USBIP_MAX_ISO_PACKETS}")
-        self._d = [[0, 0, 0, 0] for _ in range(count)]
+        self._n = count
+        self._raw = bytearray(count * ISO_DESC_SIZE)
 
     @classmethod
     def layout(cls, count: int, packet_size: int) -> IsoPackets:
         """``count`` packets of ``packet_size`` bytes each, back to back."""
-        iso = cls(count)
-        for i, d in enumerate(iso._d):
-            d[0] = i * packet_size
-            d[1] = packet_size
+        iso = IsoPackets(count)
+        for i in range(count):
+            _iso_put(iso, i, i * packet_size, packet_size, 0, 0)
         return iso
 
     @classmethod
     def from_list(cls, packets: Iterable[tuple[int, int, int, int]]) -> IsoPackets:
-        items = [list(p) for p in packets]
-        iso = cls(len(items))
-        for d, p in zip(iso._d, items, strict=True):
-            d[0], d[1], d[2], d[3] = (p[0] & 0xFFFFFFFF, p[1] & 0xFFFFFFFF, p[2] & 0xFFFFFFFF, _s32(p[3] & 0xFFFFFFFF))
+        items = [tuple(p) for p in packets]
+        iso = IsoPackets(len(items))
+        for i, p in enumerate(items):
+            if len(p) != 4:
+                raise ValueError("each iso packet is (offset, length, actual_length, status)")
+            _iso_put(iso, i, p[0] & 0xFFFFFFFF, p[1] & 0xFFFFFFFF, p[2] & 0xFFFFFFFF, _s32(p[3] & 0xFFFFFFFF))
         return iso
 
     @classmethod
@@ -354,66 +411,97 @@ class IsoPackets:
             raise ProtocolError(f"number_of_packets {count} outside 0..{USBIP_MAX_ISO_PACKETS}")
         if offset < 0:
             raise ValueError(f"negative offset {offset}")
-        if len(buf) - offset < count * ISO_DESC_SIZE:
+        size = count * ISO_DESC_SIZE
+        if len(buf) - offset < size:
             raise ProtocolError("iso packet descriptors truncated")
-        iso = cls(count)
-        for i, d in enumerate(iso._d):
-            d[:] = _ISO.unpack_from(buf, offset + i * ISO_DESC_SIZE)
-        return iso
+        return _iso_of(bytearray(memoryview(buf)[offset : offset + size]))
 
     def pack_into(self, buf: bytearray | memoryview, offset: int) -> int:
-        for d in self._d:
-            _ISO.pack_into(buf, offset, *d)
-            offset += ISO_DESC_SIZE
-        return offset
+        end = offset + len(self._raw)
+        if offset < 0 or len(buf) < end:
+            raise ValueError(f"buffer too small: need {len(self._raw)} bytes at offset {offset}")
+        buf[offset:end] = self._raw
+        return end
 
     def to_bytes(self) -> bytes:
-        out = bytearray(len(self._d) * ISO_DESC_SIZE)
-        self.pack_into(out, 0)
-        return bytes(out)
+        return bytes(self._raw)
 
     def __len__(self) -> int:
-        return len(self._d)
+        return self._n
 
     def __getitem__(self, i: int) -> tuple[int, int, int, int]:
-        d = self._d[i]
+        if i < 0:
+            i += self._n
+        if i < 0 or i >= self._n:
+            raise IndexError("iso packet index out of range")
+        d = _ISO.unpack_from(self._raw, i * ISO_DESC_SIZE)
         return (d[0], d[1], d[2], d[3])
 
     def tolist(self) -> list[tuple[int, int, int, int]]:
-        return [(d[0], d[1], d[2], d[3]) for d in self._d]
+        return list(_ISO.iter_unpack(self._raw))
 
     def set_result(self, i: int, actual_length: int, status: int = 0) -> None:
-        d = self._d[i]
-        if actual_length < 0 or actual_length > d[1]:
-            raise ValueError(f"iso packet {i}: actual_length {actual_length} outside 0..{d[1]}")
-        d[2] = actual_length
-        d[3] = status
+        offset, length, _actual, _status = self[i]
+        if i < 0:
+            i += self._n
+        if actual_length < 0 or actual_length > length:
+            raise ValueError(f"iso packet {i}: actual_length {actual_length} outside 0..{length}")
+        _iso_put(self, i, offset, length, actual_length, status)
 
     def total_actual(self) -> int:
-        return sum(d[2] for d in self._d)
+        if cython.compiled:
+            r: int = _wire.usbip_iso_total(_wire.ba_ptr(self._raw), self._n)
+            return r
+        total = 0
+        for d in _ISO.iter_unpack(self._raw):
+            total += d[2]
+        return total
 
     def error_count(self) -> int:
-        return sum(1 for d in self._d if d[3] != 0)
+        if cython.compiled:
+            r: int = _wire.usbip_iso_errors(_wire.ba_ptr(self._raw), self._n)
+            return r
+        count = 0
+        for d in _ISO.iter_unpack(self._raw):
+            if d[3] != 0:
+                count += 1
+        return count
+
+    def _first_bad(self, buffer_length: int) -> int:
+        """Index of the first packet past ``buffer_length`` or with actual > length; -1 if none."""
+        if cython.compiled:
+            r: int = _wire.usbip_iso_first_bad(_wire.ba_ptr(self._raw), self._n, buffer_length)
+            return r
+        for i, (off, length, actual, _status) in enumerate(_ISO.iter_unpack(self._raw)):
+            if off + length > buffer_length or actual > length:
+                return i
+        return -1
 
     def validate(self, buffer_length: int, actual_length: int | None = None) -> None:
         """Each packet inside the buffer, actual <= length, and (if given) sum(actual) == actual_length."""
-        total = 0
-        for i, (off, length, actual, _status) in enumerate(self._d):
+        bad = self._first_bad(buffer_length)
+        if bad >= 0:
+            off, length, actual, _status = self[bad]
             if off + length > buffer_length:
-                raise ProtocolError(f"iso packet {i} ({off}+{length}) overruns the {buffer_length}-byte buffer")
-            if actual > length:
-                raise ProtocolError(f"iso packet {i} actual_length {actual} > length {length}")
-            total += actual
-        if actual_length is not None and total != actual_length:
-            raise ProtocolError(f"iso actual_lengths sum to {total}, header says {actual_length}")
+                raise ProtocolError(f"iso packet {bad} ({off}+{length}) overruns the {buffer_length}-byte buffer")
+            raise ProtocolError(f"iso packet {bad} actual_length {actual} > length {length}")
+        if actual_length is not None:
+            total = self.total_actual()
+            if total != actual_length:
+                raise ProtocolError(f"iso actual_lengths sum to {total}, header says {actual_length}")
 
     def gather(self, src: bytes | bytearray | memoryview, dst: bytearray | memoryview) -> int:
         """Copy each packet's actual_length bytes from its offset in ``src`` to ``dst`` back to back.
 
         This is how a RET_SUBMIT carries iso IN data (stub_tx.c); returns the bytes written.
         """
+        if cython.compiled:
+            pos: int = _wire.iso_gather(src, dst, _wire.ba_ptr(self._raw), self._n)
+            if pos < 0:
+                raise ValueError("iso packet outside the buffer")
+            return pos
         pos = 0
-        for off, _length, actual, _status in self._d:
+        for off, _length, actual, _status in _ISO.iter_unpack(self._raw):
             if off + actual > len(src) or pos + actual > len(dst):
                 raise ValueError("iso packet outside the buffer")
             dst[pos : pos + actual] = src[off : off + actual]
@@ -426,14 +514,21 @@ class IsoPackets:
         The receiver's half of iso IN (``usbip_pad_iso`` in usbip_common.c); packets
         are moved last to first so none is overwritten before it is moved.
         """
-        mv = memoryview(buf)
         total = self.total_actual()
         if total != actual_length:
             raise ProtocolError(f"iso actual_lengths sum to {total}, header says {actual_length}")
+        if cython.compiled:
+            r = _wire.iso_spread(buf, actual_length, _wire.ba_ptr(self._raw), self._n)
+            if r == -1:
+                raise ProtocolError("iso data larger than the buffer")
+            if r < 0:
+                raise ProtocolError("iso packet outside the buffer")
+            return
+        mv = memoryview(buf)
         if actual_length > len(mv):
             raise ProtocolError("iso data larger than the buffer")
         pos = actual_length
-        for off, _length, actual, _status in reversed(self._d):
+        for off, _length, actual, _status in reversed(self.tolist()):
             pos -= actual
             if off + actual > len(mv):
                 raise ProtocolError("iso packet outside the buffer")
@@ -441,7 +536,7 @@ class IsoPackets:
                 mv[off : off + actual] = bytes(mv[pos : pos + actual])
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, IsoPackets) and self.tolist() == other.tolist()
+        return isinstance(other, IsoPackets) and self.to_bytes() == other.to_bytes()
 
     def __repr__(self) -> str:
         return f"IsoPackets({self.tolist()!r})"
@@ -538,20 +633,26 @@ class Decoder:
             dst = self.get_buffer(len(mv))
             n = min(len(dst), len(mv))
             dst[:n] = mv[:n]
+            dst.release()  # so that _compact can reuse the buffer (compiled)
             mv = mv[n:]
             out.extend(self.buffer_updated(n))
         return out
 
     # -- internals
     def _compact(self) -> None:
-        """Move the unfinished message into a fresh buffer (old one stays with its views)."""
+        """Move the unfinished message to the front of a buffer: a fresh one while payload views
+        into the old one may be alive (they keep it), the same one (compiled) once none is."""
         have = self._end - self._start
         want = self.chunk_size
         if self._pending is not None:
             want = max(want, HEADER_SIZE + self._need)
-        new = bytearray(max(want, have))
-        new[:have] = self._buf[self._start : self._end]
-        self._buf = new
+        want = max(want, have)
+        if cython.compiled and not _wire.ba_exported(self._buf) and len(self._buf) >= want:
+            self._buf[0:have] = self._buf[self._start : self._end]
+        else:
+            new = bytearray(want)
+            new[:have] = self._buf[self._start : self._end]
+            self._buf = new
         self._start = 0
         self._end = have
 
@@ -568,14 +669,14 @@ class Decoder:
             if msg is None:
                 if avail < HEADER_SIZE:
                     break
-                msg, need, data_len = self._header(buf, self._start)
-                if need == 0:
-                    if data_len == 0:
+                msg = self._header(buf, self._start)
+                if self._need == 0:
+                    if self._data_len == 0:
                         msg.data = memoryview(buf)[0:0]  # type: ignore[union-attr]
                     self._start += HEADER_SIZE
                     out.append(msg)
                     continue
-                self._pending, self._need, self._data_len = msg, need, data_len
+                self._pending = msg
                 # a body that does not fit gets a buffer of its own in get_buffer, when the caller
                 # reads it: a server can refuse that allocation (pending_body) before it is made
                 continue
@@ -588,42 +689,53 @@ class Decoder:
             out.append(msg)
         return out
 
-    def _header(self, buf: bytearray, pos: int) -> tuple[Message, int, int]:
+    def _header(self, buf: bytearray, pos: int) -> Message:
+        """Decode and check the header at ``buf[pos:]``; set ``_need`` and ``_data_len`` for its body."""
         try:
-            msg = unpack_header(buf, pos)
+            msg = _decode(buf, pos)
         except ProtocolError as exc:
             raise self._fail(str(exc)) from None
         if self.is_server:
-            if isinstance(msg, CmdSubmit):
-                tbl = msg.transfer_buffer_length
+            if type(msg) is CmdSubmit:
+                cs = msg
+                tbl = cs.transfer_buffer_length
                 if tbl < 0 or tbl > self.max_transfer:
                     raise self._fail(f"transfer_buffer_length {tbl} outside 0..{self.max_transfer}")
-                np = msg.number_of_packets
+                np = cs.number_of_packets
                 if np < -1 or np > self.max_iso_packets:
                     raise self._fail(f"number_of_packets {np} outside 0..{self.max_iso_packets}")
-                if msg.direction not in (USBIP_DIR_OUT, USBIP_DIR_IN):
-                    raise self._fail(f"direction {msg.direction} is neither 0 nor 1")
-                data_len = tbl if msg.direction == USBIP_DIR_OUT else -1
-                return msg, max(data_len, 0) + max(np, 0) * ISO_DESC_SIZE, data_len
-            if isinstance(msg, CmdUnlink):
-                return msg, 0, -1
+                if cs.direction != USBIP_DIR_OUT and cs.direction != USBIP_DIR_IN:
+                    raise self._fail(f"direction {cs.direction} is neither 0 nor 1")
+                data_len = tbl if cs.direction == USBIP_DIR_OUT else -1
+                self._data_len = data_len
+                self._need = max(data_len, 0) + max(np, 0) * ISO_DESC_SIZE
+                return cs
+            if type(msg) is CmdUnlink:
+                self._data_len = -1
+                self._need = 0
+                return msg
             raise self._fail(f"a server does not accept command {msg.command}")
-        if isinstance(msg, RetSubmit):
-            in_length = self._expect.pop(msg.seqnum, None)
+        if type(msg) is RetSubmit:
+            rs = msg
+            in_length = self._expect.pop(rs.seqnum, None)
             if in_length is None:
-                raise self._fail(f"RET_SUBMIT for unknown seqnum {msg.seqnum}")
-            np = msg.number_of_packets
+                raise self._fail(f"RET_SUBMIT for unknown seqnum {rs.seqnum}")
+            np = rs.number_of_packets
             if np < -1 or np > self.max_iso_packets:
                 raise self._fail(f"number_of_packets {np} outside 0..{self.max_iso_packets}")
-            al = msg.actual_length
+            al = rs.actual_length
             limit = in_length if in_length >= 0 else self.max_transfer
             if al < 0 or al > limit:
                 raise self._fail(f"actual_length {al} outside 0..{limit}")
             self._in_length = limit
             data_len = al if in_length >= 0 else -1
-            return msg, max(data_len, 0) + max(np, 0) * ISO_DESC_SIZE, data_len
-        if isinstance(msg, RetUnlink):
-            return msg, 0, -1
+            self._data_len = data_len
+            self._need = max(data_len, 0) + max(np, 0) * ISO_DESC_SIZE
+            return rs
+        if type(msg) is RetUnlink:
+            self._data_len = -1
+            self._need = 0
+            return msg
         raise self._fail(f"a client does not accept command {msg.command}")
 
     def _body(self, msg: Message, buf: bytearray, pos: int) -> None:
@@ -635,7 +747,7 @@ class Decoder:
             return
         iso = IsoPackets.unpack(buf, pos + max(data_len, 0), np)
         try:
-            if isinstance(msg, CmdSubmit):
+            if type(msg) is CmdSubmit:
                 iso.validate(msg.transfer_buffer_length)
             else:
                 # usbip_recv_iso: the packets' actual lengths must add up to actual_length
@@ -735,25 +847,26 @@ class Urb:
 
 def urb_from_submit(msg: CmdSubmit, buffer: object, on_complete: Callable[[Urb], None] | None) -> Urb:
     """The server's Urb for a decoded CMD_SUBMIT (``buffer``: OUT data or the IN buffer)."""
-    return Urb(
-        msg.seqnum,
-        msg.ep,
-        msg.direction,
-        msg.transfer_buffer_length,
-        buffer,  # type: ignore[arg-type]
-        msg.setup,
-        msg.transfer_flags,
-        msg.start_frame,
-        msg.number_of_packets,
-        msg.interval,
-        msg.iso,
-        on_complete,
-    )
+    u = Urb.__new__(Urb)  # filled in here: no __init__ argument parsing on the hot path
+    u.seqnum, u.ep, u.direction, u.transfer_flags = msg.seqnum, msg.ep, msg.direction, msg.transfer_flags
+    u.transfer_buffer_length, u.start_frame = msg.transfer_buffer_length, msg.start_frame
+    u.number_of_packets, u.interval = msg.number_of_packets, msg.interval
+    u.setup, u.buffer, u.iso, u.on_complete = msg.setup, buffer, msg.iso, on_complete  # type: ignore[assignment]
+    u.status = u.actual_length = u.error_count = 0
+    u.done = u.cancelled = False
+    u.unlink_seqnum = -1
+    u.context = None
+    return u
 
 
 def ret_submit_header(urb: Urb, actual_length: int, number_of_packets: int, error_count: int) -> bytearray:
     """A fresh 48-byte RET_SUBMIT header for ``urb`` (status and start_frame from it)."""
     hdr = bytearray(HEADER_SIZE)
+    if cython.compiled:
+        w = [USBIP_RET_SUBMIT, urb.seqnum, 0, 0, 0, urb.status, actual_length, urb.start_frame,
+             number_of_packets, error_count]  # fmt: skip
+        _wire.write_header(hdr, 0, w, None)
+        return hdr
     _RET_SUBMIT.pack_into(
         hdr,
         0,
