@@ -7,6 +7,8 @@ import ctypes
 import errno
 import os
 
+import pytest
+
 from usbip.backends.libusb import mapping as m
 from usbip.backends.libusb.device import LibusbDevice
 from usbip.backends.usbdev import UsbDevice
@@ -409,3 +411,58 @@ def test_a_failing_handle_close_keeps_the_fd_libusb_may_still_poll(tmp_path):
         assert dev.handle is None and dev._fd == -1
 
     asyncio.run(main())
+
+
+def _fake_handle(monkeypatch, wrapped):
+    """A real python-libusb1 USBDeviceHandle on faked libusb calls, as ``wrapSysDevice`` makes it
+    (a USBDevice of its own holding the handle) or as ``libusb_open`` of a listed device does;
+    returns (handle, the libusb calls that free something)."""
+    import usb1
+    from usb1 import libusb1
+
+    calls = []
+    # loaded lazily (loadLibrary): raising=False
+    monkeypatch.setattr(libusb1, "libusb_close", lambda h: calls.append(("close", h)), raising=False)
+    monkeypatch.setattr(libusb1, "libusb_ref_device", lambda d: None, raising=False)
+    monkeypatch.setattr(libusb1, "libusb_unref_device", lambda d: calls.append(("unref", d)), raising=False)
+    monkeypatch.setattr(libusb1, "libusb_open", lambda d, h: 0, raising=False)
+    # a zeroed device descriptor: no configuration to load (or free)
+    monkeypatch.setattr(libusb1, "libusb_get_device_descriptor", lambda dev, desc: 0, raising=False)
+    monkeypatch.setattr(libusb1, "libusb_free_config_descriptor", lambda c: pytest.fail("no config"), raising=False)
+    for name in ("libusb_get_bus_number", "libusb_get_port_number", "libusb_get_device_address"):
+        monkeypatch.setattr(libusb1, name, lambda dev: 1, raising=False)
+    context = usb1._LibUSB1Finalizer()  # what USBContext keeps its devices' finalizers in
+    device = usb1.USBDevice(
+        context=context,
+        device_p=object(),
+        getFinalizer=context._getFinalizer,
+        can_load_configuration=True,
+        can_change_refcount=not wrapped,
+        handle_p=object() if wrapped else None,
+    )
+    return device.open(), calls
+
+
+def test_close_handle_closes_a_wrapped_handle(monkeypatch):
+    """python-libusb1 3.4's own USBDeviceHandle.close() of a wrapSysDevice handle fails
+    ``assert handle not in finalizer_dict`` (its own finalizer, in the device's dict) before
+    libusb_close: close_handle closes it through the device."""
+    from usbip.backends.libusb.opening import close_handle
+
+    handle, calls = _fake_handle(monkeypatch, wrapped=True)
+    device = handle.getDevice()
+    close_handle(handle, wrapped=True)
+    assert [c[0] for c in calls] == ["close"]  # libusb_close, once (the device has no reference to drop)
+    assert not handle.close.alive and not device.close.alive and not device._finalizer_dict
+    close_handle(handle, wrapped=True)  # again: nothing more
+    assert len(calls) == 1
+
+
+def test_close_handle_closes_a_libusb_open_handle_and_its_device(monkeypatch):
+    from usbip.backends.libusb.opening import close_handle
+
+    handle, calls = _fake_handle(monkeypatch, wrapped=False)
+    device = handle.getDevice()
+    close_handle(handle, wrapped=False)
+    assert [c[0] for c in calls] == ["close", "unref"]  # the handle, then the device's reference
+    assert not handle.close.alive and not device.close.alive

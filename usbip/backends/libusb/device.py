@@ -99,7 +99,7 @@ from .mapping import (
     special_error_to_errno,
     status_to_errno,
 )
-from .opening import open_handle
+from .opening import close_handle, open_handle
 
 log = logging.getLogger(__name__)
 #: how long close() lets cancelled transfers come back before it closes the handle
@@ -184,6 +184,7 @@ class LibusbDevice(Device):
         # URBs (id -> Urb) and at most one port reset (_RESET) that arrived while _busy runs, in order
         self._deferred: OrderedDict[object, Any] = OrderedDict()
         self._cancel_later: dict[int, Urb] = {}  # unlinked while _busy runs: cancelled when it returns
+        self._drained: asyncio.Event | None = None  # close() waits on it for its cancelled transfers
         self.gone: asyncio.Event | None = None  # set when the device disappears (the server ends the session)
 
     # ------------------------------------------------------------ identity
@@ -362,11 +363,14 @@ class LibusbDevice(Device):
     async def _drain_transfers(self) -> None:
         """Cancel the transfers in flight and let their cancellations come back through the
         normal event handling (the loop's pollfds or the event thread), bounded by
-        DRAIN_TIMEOUT. Otherwise python-libusb1's close() cancels them and runs libusb's event
-        handling itself; when that raised, libusb_close was never called, libusb kept polling
-        the handle's fd after we closed it, and once the number was reused every later
+        DRAIN_TIMEOUT, so that python-libusb1's close() finds nothing in flight: it would cancel
+        them and run libusb's event handling itself (blocking, in the loop thread). Each
+        transfer is closed (freed) by _finish as it comes back, none is left for the GC.
+        The fd: when python-libusb1's close raised before libusb_close, libusb kept polling the
+        handle's fd; closing it anyway let the number be reused under libusb, and every later
         libusb_handle_events failed ("reap failed, errno=9" / 25): no transfer of any device
-        completed any more (seen in the event-mode benchmark)."""
+        completed any more (seen in the event-mode benchmark). _close_handle keeps the fd open
+        in that case (see opening.close_handle for why wrapped handles used to fail)."""
         self._cancel_later.clear()
         live = self._live_transfers()
         if not live:
@@ -375,10 +379,14 @@ class LibusbDevice(Device):
             transfer: Any = urb.context
             with contextlib.suppress(Exception):
                 transfer.cancel()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + DRAIN_TIMEOUT
-        while self._live_transfers() and loop.time() < deadline:
-            await asyncio.sleep(0.005)
+        # _finish sets it when the last one comes back (no polling: a TCG guest felt every wake-up)
+        self._drained = drained = asyncio.Event()
+        try:
+            await asyncio.wait_for(drained.wait(), DRAIN_TIMEOUT)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            self._drained = None
         if self._live_transfers():
             log.warning("%s: %d transfers still in flight at close", self.busid, len(self._live_transfers()))
 
@@ -427,7 +435,7 @@ class LibusbDevice(Device):
             self._claimed = []
             self._detached = []
             try:
-                self.handle.close()
+                close_handle(self.handle, wrapped=self._fd >= 0)
             except Exception as exc:
                 # libusb may still poll this handle's fd: closing it would let the number be reused
                 # under libusb (see _drain_transfers), so the fd stays open (one leaked fd)
@@ -880,6 +888,8 @@ class LibusbDevice(Device):
         self._pending.pop(id(urb), None)
         self._cancel_later.pop(id(urb), None)
         urb.context = None
+        if self._drained is not None and not self._live_transfers():
+            self._drained.set()
         try:
             status = transfer.getStatus()
             if urb.iso is not None and plan is not None:

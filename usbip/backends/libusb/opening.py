@@ -7,6 +7,8 @@
   never get (udev without udevd; Linux without sysfs), so a device plugged in
   after the context was created may be missing there: its usbfs node, when it
   exists, is wrapped instead.
+
+Closing (:func:`close_handle`) goes through the wrapped handle's own device: see there.
 """
 
 from __future__ import annotations
@@ -42,3 +44,25 @@ def open_handle(context: Any, rec: UsbDevice, sysfs_root: str = SYSFS_USB) -> tu
     except BaseException:
         os.close(fd)
         raise
+
+
+def close_handle(handle: Any, wrapped: bool) -> None:
+    """Close a handle from :func:`open_handle` (``wrapped``: it came with a file descriptor, from
+    ``wrapSysDevice``); raises when python-libusb1 did not get to ``libusb_close``.
+
+    ``wrapSysDevice`` makes a USBDevice for the handle alone: the handle's close finalizer sits in
+    that device's finalizer dict, and closing the handle closes the device. python-libusb1 3.x's
+    ``USBDeviceHandle.close()`` therefore walks the device's dict, finds its own finalizer there
+    (already running: calling it does nothing, so it is still listed), fails ``assert handle not
+    in finalizer_dict`` and never reaches ``libusb_close``: every wrapped handle leaked, libusb
+    kept polling its fd. Closed from the device instead, the device's walk runs the handle's
+    finalizer (in-flight transfers, ``libusb_close``), whose nested ``device.close()`` is then a
+    no-op, and removes it from the dict as it should. A handle from ``libusb_open`` closes
+    normally; its device goes too."""
+    device = handle.getDevice()
+    if wrapped and device is not None:
+        device.close()
+    if getattr(handle.close, "alive", True):  # a finalizer until python-libusb1 has run it
+        handle.close()
+    if not wrapped and device is not None:
+        device.close()  # libusb_open's: from find_device, ours alone (its reference dropped now, not by the GC)
