@@ -624,6 +624,86 @@ def tls_line(results: list[dict[str, Any]]) -> str:
     return "TLS session: " + ", ".join(parts)
 
 
+# ---------------------------------------------------------------- libusb export against usbip-host
+KERNEL = "kernel"
+#: the figures compared ours/kernel (test_libusb_vs_kernel.py)
+LVK_METRICS = ("urbs_per_s", "mb_per_s", "p50_us", "p99_us", "cpu_us_per_urb")
+
+
+def lvk_doc(result: CaseResult, **extra: Any) -> dict[str, Any]:
+    """One case of test_libusb_vs_kernel.py: medians of the kernel's and our export, ours/kernel ratios."""
+    med = result.medians()
+    k, o = med.get(KERNEL, {}), med.get(OURS, {})
+    ratios = {m: round(o[m] / k[m], 3) for m in LVK_METRICS if k.get(m) and o.get(m) is not None}
+    case = result.case
+    return {
+        "case": case.name,
+        "mode": case.mode,
+        "size": case.size,
+        "inflight": case.inflight,
+        "metric": case.metric,
+        "medians": med,
+        "ratios": ratios,
+        "runs": result.runs,
+        **extra,
+    }
+
+
+def lvk_rows(results: list[dict[str, Any]]) -> list[list[str]]:
+    """case | metric | kernel | ours | ours/kernel | server CPU us/URB kernel, ours, ours/kernel."""
+    rows = [["case", "metric", "kernel", "ours", "ours/kernel", "CPU us/URB kernel", "CPU ours", "CPU ours/kernel"]]
+    for r in results:
+        med, rat = r["medians"], r.get("ratios", {})
+        metrics = ["p50_us", "p99_us"] if r["metric"] == "p50_us" else [r["metric"]]
+        for n, m in enumerate(metrics):
+            cpu = [
+                fmt_num(med.get(KERNEL, {}).get("cpu_us_per_urb")),
+                fmt_num(med.get(OURS, {}).get("cpu_us_per_urb")),
+                f"{rat['cpu_us_per_urb']:.2f}" if "cpu_us_per_urb" in rat else "-",
+            ]
+            rows.append(
+                [
+                    r["case"] if n == 0 else "",
+                    metric_label(m),
+                    fmt_num(med.get(KERNEL, {}).get(m)),
+                    fmt_num(med.get(OURS, {}).get(m)),
+                    f"{rat[m]:.2f}" if m in rat else "-",
+                    *(cpu if n == 0 else ["", "", ""]),
+                ]
+            )
+    return rows
+
+
+def lvk_targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's targets for the libusb export against usbip-host (reported, never asserted)."""
+    out: list[dict[str, Any]] = []
+
+    def ratio(case: str, metric: str) -> float | None:
+        r = _find(results, case)
+        return r.get("ratios", {}).get(metric) if r else None
+
+    checks = [
+        ("bulk-in 512 B x32", "urbs_per_s", "ours >= 0.5x kernel URB/s", lambda v: v >= 0.5),
+        ("bulk-in 16 KiB x8", "mb_per_s", "ours >= 0.8x kernel MB/s", lambda v: v >= 0.8),
+        ("bulk-out 16 KiB x8", "mb_per_s", "ours >= 0.8x kernel MB/s", lambda v: v >= 0.8),
+        ("control GET_DESCRIPTOR x1", "p50_us", "ours p50 <= 2x kernel", lambda v: v <= 2.0),
+        ("bulk-in 512 B x32", "cpu_us_per_urb", "server CPU per URB <= 3x kernel stub", lambda v: v <= 3.0),
+    ]
+    for case, metric, text, ok in checks:
+        v = ratio(case, metric)
+        if v is not None:
+            out.append({"target": f"{case}: {text}", "value": v, "met": ok(v)})
+    return out
+
+
+LVK_NOTE = (
+    "One SourceSink gadget (pattern 0) on dummy_hcd in a QEMU (TCG) guest, exported in turn by the kernel's "
+    "usbip-host + Debian's usbipd and by our usbipd through libusb (--libusb-events pollfd), driven by the C "
+    "loadgen in the guest over 127.0.0.1; alternating rounds, medians. CPU: utime+stime per URB of the stub's "
+    "stub_rx/stub_tx kthreads (kernel) or of the usbipd process (ours) over the measured window."
+)
+
+
 # ---------------------------------------------------------------- machine / output
 def machine_info() -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
@@ -780,6 +860,8 @@ class E2EReporter:
         self.results: list[dict[str, Any]] = []
         self.gigabit: list[dict[str, Any]] = []
         self.tls: list[dict[str, Any]] = []
+        #: test_libusb_vs_kernel.py: one lvk_doc per case
+        self.libusb_vs_kernel: list[dict[str, Any]] = []
         self.settings: dict[str, Any] = {}
 
     @property
@@ -799,16 +881,19 @@ class E2EReporter:
             "results": self.results,
             "gigabit": self.gigabit,
             "tls": self.tls,
+            "libusb_vs_kernel": self.libusb_vs_kernel,
             "targets": evaluate_targets(self.results),
+            "libusb_vs_kernel_targets": lvk_targets(self.libusb_vs_kernel),
         }
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
-        if not self.results and not self.gigabit and not self.tls:
+        if not self.results and not self.gigabit and not self.tls and not self.libusb_vs_kernel:
             return
         tr = terminalreporter
         doc = self.document()
         quick = " (QUICK: not a measurement)" if self.quick else ""
-        tr.section("USB/IP end to end: medians of interleaved runs" + quick)
+        if self.results or self.gigabit:
+            tr.section("USB/IP end to end: medians of interleaved runs" + quick)
         if self.results:
             for line in format_table(table_rows(self.results)).splitlines():
                 tr.write_line(line)
@@ -842,6 +927,13 @@ class E2EReporter:
                     f"{r['link']} {r['case']} (plain/TLS): client CPU {both('client_cpu_us_per_urb')} us/URB; "
                     f"busy: server {both('server_cpu_frac')}, client {both('client_cpu_frac')} CPU s/s"
                 )
+        if self.libusb_vs_kernel:
+            tr.section("libusb export vs usbip-host: medians of alternating rounds" + quick)
+            for line in format_table(lvk_rows(self.libusb_vs_kernel)).splitlines():
+                tr.write_line(line)
+            tr.write_line("(ours/kernel: > 1 is better for URB/s and MB/s, worse for latency and CPU)")
+            for t in doc["libusb_vs_kernel_targets"]:
+                tr.write_line(f"target {t['target']}: {t['value']} -> {'met' if t['met'] else 'MISSED'}")
         paths = default_out_paths()
         if self.quick and not os.environ.get("USBIP_BENCH_OUT"):
             paths = [REPO / ".benchmarks" / "latest-quick.json"]
@@ -855,11 +947,12 @@ class E2EReporter:
                     old = json.loads(path.read_text())
                 except (OSError, ValueError):
                     old = {}
-                for part in ("results", "gigabit", "tls"):
+                for part in ("results", "gigabit", "tls", "libusb_vs_kernel"):
                     if not out[part] and old.get(part):
                         out[part] = old[part]
                 out["settings"] = {**old.get("settings", {}), **{k: v for k, v in doc["settings"].items()}}
                 out["targets"] = evaluate_targets(out["results"])
+                out["libusb_vs_kernel_targets"] = lvk_targets(out["libusb_vs_kernel"])
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(json.dumps(out, indent=1) + "\n")
                 tr.write_line(f"wrote {path}")

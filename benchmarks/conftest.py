@@ -118,3 +118,34 @@ def link():
             yield built
     except LinkUnavailable as exc:
         pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="module")
+def guest():
+    """A kernel-test guest for a benchmark module: the kernel tests' session guest when they booted
+    one in this session (``pytest tests benchmarks``: one boot, not one per module), cleaned
+    around the module, else a guest of the module's own."""
+    import sys
+
+    from tests.kernel import gadgets
+    from tests.kernel.harness import Guest, skip_reason
+
+    mod = sys.modules.get("tests.kernel.conftest")
+    shared = next((g for g in getattr(mod, "_session_guest", None) or () if g.alive), None)
+    if shared is not None:
+        gadgets.reset(shared)
+        yield shared
+        if shared.alive:
+            gadgets.reset(shared)
+        return
+    if os.environ.get("USBIP_SKIP_KERNEL_TESTS", "") not in ("", "0"):
+        pytest.skip("USBIP_SKIP_KERNEL_TESTS is set")
+    reason = skip_reason()
+    if reason:
+        pytest.skip(reason)
+    g = Guest()
+    try:
+        g.start()
+        yield g
+    finally:
+        g.shutdown()

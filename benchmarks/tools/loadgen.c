@@ -6,10 +6,15 @@
  *           --mode bulk-in|bulk-out|control|iso-in [--ep N]
  *           [--size BYTES] --inflight K --seconds T
  *           [--iso-packets N] [--warmup S] [--set-alt IFACE:ALT]
+ *           [--set-config N] [--out-byte B]
  *
  * --set-alt sends SET_INTERFACE(IFACE, ALT) on ep0 right after the import
  * and before the run (e.g. the iso endpoints of gadget zero only exist in
  * alt setting 1); a failure (no reply within 5 s or status != 0) exits 2.
+ * --set-config sends SET_CONFIGURATION(N) likewise, before --set-alt (a
+ * device exported by the kernel's usbip-host is unconfigured until then).
+ * --out-byte sets the byte bulk-out payloads are filled with (default
+ * 0xa5; a SourceSink gadget with pattern 0 wants 0).
  *
  * Imports busid B over USB/IP (protocol 0x0111) and keeps K URBs in flight
  * on one endpoint for T seconds (after S seconds of warm-up, default 0.5).
@@ -309,6 +314,43 @@ static int submit_n(struct wctx *w, long n)
 }
 
 /* ------------------------------------------------------------------ */
+/* a standard control request without data stage, before the run      */
+
+static int control_nodata(int fd, uint32_t devid, uint8_t req_type,
+                          uint8_t request, uint16_t value, uint16_t index,
+                          const char *what)
+{
+    uint8_t c[HDR_LEN];
+    memset(c, 0, sizeof c);
+    put_be32(c, CMD_SUBMIT);
+    put_be32(c + 4, 0x7fffffffu); /* outside the run's seqnum range */
+    put_be32(c + 8, devid);
+    put_be32(c + 12, 0);          /* direction OUT, no data stage */
+    put_be32(c + 16, 0);          /* ep0 */
+    c[40] = req_type;
+    c[41] = request;
+    c[42] = (uint8_t)value;
+    c[43] = (uint8_t)(value >> 8);
+    c[44] = (uint8_t)index;
+    c[45] = (uint8_t)(index >> 8);
+    struct iovec cv = {c, sizeof c};
+    uint8_t r[HDR_LEN];
+    if (writev_all(fd, &cv, 1) < 0 || read_full(fd, r, HDR_LEN) < 0) {
+        fprintf(stderr, "loadgen: %s failed: %s\n", what, strerror(errno));
+        return -1;
+    }
+    int32_t st = (int32_t)get_be32(r + 20);
+    /* an OUT reply carries no data stage: nothing more to read */
+    if (get_be32(r) != RET_SUBMIT || get_be32(r + 4) != 0x7fffffffu ||
+        st != 0) {
+        fprintf(stderr, "loadgen: %s refused (command %u, status %d)\n", what,
+                get_be32(r), st);
+        return -1;
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------ */
 
 static void usage(const char *msg)
 {
@@ -318,7 +360,8 @@ static void usage(const char *msg)
             "usage: loadgen --host H --port P --busid B\n"
             "               --mode bulk-in|bulk-out|control|iso-in [--ep N]\n"
             "               [--size BYTES] --inflight K --seconds T\n"
-            "               [--iso-packets N] [--warmup S] [--set-alt IFACE:ALT]\n");
+            "               [--iso-packets N] [--warmup S] [--set-alt IFACE:ALT]\n"
+            "               [--set-config N] [--out-byte B]\n");
     exit(2);
 }
 
@@ -365,6 +408,7 @@ int main(int argc, char **argv)
     long ep = -1, size = -1, inflight = -1, iso_packets = 8;
     double seconds = -1, warmup = 0.5;
     long alt_iface = -1, alt_value = -1;
+    long set_config = -1, out_byte = 0xa5;
 
     static const struct option opts[] = {
         {"host", required_argument, NULL, 'H'},
@@ -378,6 +422,8 @@ int main(int argc, char **argv)
         {"iso-packets", required_argument, NULL, 'n'},
         {"warmup", required_argument, NULL, 'w'},
         {"set-alt", required_argument, NULL, 'a'},
+        {"set-config", required_argument, NULL, 'c'},
+        {"out-byte", required_argument, NULL, 'o'},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
@@ -427,6 +473,12 @@ int main(int argc, char **argv)
             alt_value = parse_long(colon + 1, "--set-alt alt setting", 0, 255);
             break;
         }
+        case 'c':
+            set_config = parse_long(optarg, "--set-config", 0, 255);
+            break;
+        case 'o':
+            out_byte = parse_long(optarg, "--out-byte", 0, 255);
+            break;
         default:
             usage(NULL);
         }
@@ -535,37 +587,24 @@ int main(int argc, char **argv)
     uint32_t devnum = get_be32(rep + 8 + 292);
     uint32_t devid = (busnum << 16) | (devnum & 0xffff);
 
-    /* ---- optional SET_INTERFACE (still under the 5 s import timeouts) ---- */
+    /* ---- optional SET_CONFIGURATION, SET_INTERFACE (still under the 5 s
+     * import timeouts) ---- */
+    if (set_config >= 0) {
+        char what[64];
+        snprintf(what, sizeof what, "SET_CONFIGURATION(%ld)", set_config);
+        /* 0x00: standard, device */
+        if (control_nodata(fd, devid, 0x00, 0x09, (uint16_t)set_config, 0,
+                           what) < 0)
+            return 2;
+    }
     if (alt_iface >= 0) {
-        uint8_t c[HDR_LEN];
-        memset(c, 0, sizeof c);
-        put_be32(c, CMD_SUBMIT);
-        put_be32(c + 4, 0x7fffffffu); /* outside the run's seqnum range */
-        put_be32(c + 8, devid);
-        put_be32(c + 12, 0);          /* direction OUT, no data stage */
-        put_be32(c + 16, 0);          /* ep0 */
-        /* setup: 0x01 (standard, interface), SET_INTERFACE, wValue=alt, wIndex=iface */
-        c[40] = 0x01;
-        c[41] = 0x0b;
-        c[42] = (uint8_t)alt_value;
-        c[44] = (uint8_t)alt_iface;
-        struct iovec cv = {c, sizeof c};
-        uint8_t r[HDR_LEN];
-        if (writev_all(fd, &cv, 1) < 0 || read_full(fd, r, HDR_LEN) < 0) {
-            fprintf(stderr, "loadgen: SET_INTERFACE(%ld, %ld) failed: %s\n",
-                    alt_iface, alt_value, strerror(errno));
+        char what[64];
+        snprintf(what, sizeof what, "SET_INTERFACE(%ld, %ld)", alt_iface,
+                 alt_value);
+        /* 0x01: standard, interface; wValue=alt, wIndex=iface */
+        if (control_nodata(fd, devid, 0x01, 0x0b, (uint16_t)alt_value,
+                           (uint16_t)alt_iface, what) < 0)
             return 2;
-        }
-        int32_t st = (int32_t)get_be32(r + 20);
-        /* an OUT reply carries no data stage: nothing more to read */
-        if (get_be32(r) != RET_SUBMIT || get_be32(r + 4) != 0x7fffffffu ||
-            st != 0) {
-            fprintf(stderr,
-                    "loadgen: SET_INTERFACE(%ld, %ld) refused (command %u, "
-                    "status %d)\n",
-                    alt_iface, alt_value, get_be32(r), st);
-            return 2;
-        }
     }
 
     /* URB phase: short read timeout so the clock is checked regularly */
@@ -618,7 +657,7 @@ int main(int argc, char **argv)
     if (mode == M_BULK_OUT && size > 0) {
         payload = malloc((size_t)size);
         if (payload != NULL)
-            memset(payload, 0xa5, (size_t)size);
+            memset(payload, (int)out_byte, (size_t)size);
     }
     size_t wcap = (size_t)inflight * tmpl_len;
     if (wcap > WBUF_MAX)
