@@ -106,6 +106,7 @@ def _run_round(guest: Guest, mode: str, busid: str, s: dict) -> None:
         _stop(guest, pid)
 
 
+@pytest.mark.long  # a usbipd start per mode under TCG: scripts/bench runs it (CI: test_libusb_vs_kernel)
 def test_event_modes(benchmark, guest, busid, settings):
     """Both modes, alternating, every case; the thread/pollfd ratios land in extra_info."""
     benchmark.group = "libusb events"

@@ -444,6 +444,7 @@ def test_iso_usbtest_through_libusb_export(usbipd, our_usbipd):
     assert set(ours.values()) == {"pass"}, ours
 
 
+@pytest.mark.long  # two hops of iso under TCG; iso through the export stays in CI (usbtest iso cases)
 def test_uac2_audio_through_libusb_export(usbipd, our_usbipd):
     """Audio over iso through the libusb export: our virtual UAC2 device (served from the host)
     imported by the guest's vhci-hcd (hop 1), exported by our usbipd through libusb and imported

@@ -196,6 +196,7 @@ def test_forced_libusb_enumeration_matches_sysfs_and_imports(vhci_guest):
     assert "devices found through libusb" in out and "opened through libusb_open" in out, out[-3000:]
 
 
+@pytest.mark.long  # ~2 min under TCG; scripts/kernel-long (the forced libusb enumeration test stays in CI)
 @pytest.mark.skipif(_nonudev_libusb() is None, reason="no libusb built without udev (pip install libusb-package)")
 def test_no_sysfs_auto_chooses_libusb_imports_and_follows_hotplug(vhci_guest):
     g, started = vhci_guest
