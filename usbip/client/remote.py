@@ -141,6 +141,7 @@ class RemoteDevice:
         self.busid = record.busid
         self.devid = record.devid
         self.speed = record.speed
+        self._intervals: tuple[bytes | None, dict[int, int]] | None = None  # see _urb_interval
         self.max_in_flight = max_in_flight
         self.max_queued = max_queued
         self._seq = 0
@@ -353,10 +354,16 @@ class RemoteDevice:
         return res.actual_length
 
     def _urb_interval(self, endpoint: int) -> int:
-        for ep in self.endpoints():
-            if ep["bEndpointAddress"] == endpoint:
-                return urb_interval(ep["bInterval"], ep["bmAttributes"], self.speed)
-        return 1
+        # per configuration descriptor, not per URB: parsing it is not free
+        config = self.configuration_descriptor
+        cached = self._intervals
+        if cached is None or cached[0] is not config:
+            table = {
+                ep["bEndpointAddress"]: urb_interval(ep["bInterval"], ep["bmAttributes"], self.speed)
+                for ep in self.endpoints()
+            }
+            cached = self._intervals = (config, table)
+        return cached[1].get(endpoint, 1)
 
     async def iso_transfer(
         self,
@@ -699,6 +706,7 @@ class RemoteDevice:
         self.record = record
         self.devid = record.devid
         self.speed = record.speed
+        self._intervals = None  # the speed may differ after a re-import
         if self._capture is not None:  # a new connection: its own URB ids, the new bus and device numbers
             self._capture = self._capture.file.client_session(record.busnum, record.devnum)
         self._decoder = Decoder("client", max_transfer=self._max_transfer)
