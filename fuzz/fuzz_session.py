@@ -44,11 +44,11 @@ except ModuleNotFoundError:  # started as a script: python fuzz/fuzz_session.py
 import atheris
 
 with atheris.instrument_imports(include=["usbip"]):
+    from usbip.cli.device_spec import make_device
     from usbip.pool import BufferPool
     from usbip.protocol import Decoder, ProtocolError
     from usbip.protocol.constants import USBIP_CMD_SUBMIT, USBIP_DIR_IN, USBIP_RET_SUBMIT
     from usbip.server.session import UrbSession
-    from usbip.virtual import make_device
 
 BUSNUM, DEVNUM = 1, 2
 DEVID = BUSNUM << 16 | DEVNUM  # every device is given this devid (the seed corpus uses it)

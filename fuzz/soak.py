@@ -61,8 +61,8 @@ BLOCK = 512
 
 # ====================================================================== server (child process)
 async def serve(clients: int, tmpdir: str) -> None:
+    from usbip.cli.device_spec import make_device
     from usbip.server import Server
-    from usbip.virtual import make_device
 
     specs = {
         "loopback": lambda c: "loopback",

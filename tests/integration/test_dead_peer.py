@@ -40,10 +40,10 @@ from pathlib import Path
 import pytest
 
 import usbip
+from usbip.cli.device_spec import make_device
 from usbip.client import connect
 from usbip.server import Server
 from usbip.server.limits import ServerLimits
-from usbip.virtual import make_device
 
 REPO = Path(usbip.__file__).resolve().parent.parent
 SERVER_IP = "10.213.0.1"  # namespace A (private to the namespaces: the host's tables are never touched)

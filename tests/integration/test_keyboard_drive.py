@@ -17,9 +17,10 @@ from typing import Any
 
 import pytest
 
+from usbip.cli.device_spec import make_device
 from usbip.client import RemoteDevice, connect
 from usbip.server import Server
-from usbip.virtual import KeyboardDevice, make_device
+from usbip.virtual import KeyboardDevice
 from usbip.virtual.keyboard import decode_reports
 
 from .conftest import bounded, exported

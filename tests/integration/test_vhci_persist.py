@@ -151,7 +151,7 @@ def test_records_follow_a_taken_port_and_attach_avoids_a_kept_one(drv: FakeVhci)
             assert drv.read_persist(1) == os.getpid() and drv.read_persist(0) is None
             other_rec = drv.read_record(0)
             assert other_rec is not None and other_rec.host == "elsewhere"  # not ours: left alone
-            ports = {d["port"]: d for d in imported_ports(drv)}
+            ports = {d.port: d.to_json() for d in imported_ports(drv)}
             assert ports[1]["persist"] == {"pid": os.getpid(), "running": True} and ports[0]["persist"] is None
         finally:
             sup.stop()
@@ -194,7 +194,7 @@ def test_detach_stops_the_supervisor_attached_or_not(drv: FakeVhci, capsys: pyte
                 drv.detach(port)  # the connection ends (as far as the supervisor can tell)
                 assert await wait_until(lambda: sup.backoff.attempt == 1, 5)
                 ports = imported_ports(drv)
-                assert [(d["port"], d["status_text"]) for d in ports] == [(0, "Re-attaching (persistent import)")]
+                assert [(d.port, d.status_text) for d in ports] == [(0, "Re-attaching (persistent import)")]
                 assert "Port 00: <Re-attaching (persistent import)>" in format_ports(ports)
                 rc = await loop.run_in_executor(None, detach_command, port, False, drv)
                 assert rc == 0 and proc.wait(5) == -signal.SIGTERM

@@ -19,10 +19,10 @@ import struct
 
 import pytest
 
+from usbip.cli.device_spec import make_device
 from usbip.pool import BufferPool
 from usbip.protocol import Decoder, codec
 from usbip.server.session import UrbSession
-from usbip.virtual import make_device
 from usbip.virtual.testing import set_interface
 
 TBL = 96

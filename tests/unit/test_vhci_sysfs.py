@@ -78,7 +78,8 @@ def test_records_and_port_listing(tree: Path) -> None:
     assert (tree / "run" / "port0").read_text() == "10.0.2.2 3240 100-1\n"
     assert oct(os.stat(tree / "run").st_mode & 0o777) == "0o700"
     ports = imported_ports(drv)
-    assert [p["port"] for p in ports] == [0]
+    assert [p.port for p in ports] == [0]
+    assert ports[0].to_json()["remote"] == {"host": "10.0.2.2", "port": "3240", "busid": "100-1"}
     text = format_ports(ports)
     assert "Port 00: <Port in Use> at High Speed(480Mbps)" in text
     assert "3-1 -> usbip://10.0.2.2:3240/100-1" in text

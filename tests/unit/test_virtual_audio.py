@@ -15,9 +15,10 @@ import zlib
 
 import pytest
 
+from usbip.cli.device_spec import make_device
 from usbip.protocol import IsoPackets
 from usbip.protocol.constants import ECONNRESET, EINVAL, ENOENT, EOVERFLOW, EPIPE, ESHUTDOWN, Speed
-from usbip.virtual import AudioDevice, make_device
+from usbip.virtual import AudioDevice
 from usbip.virtual.testing import control, get_descriptor, in_urb, out_urb, set_configuration, set_interface
 
 GET_CLASS_IF, SET_CLASS_IF = 0xA1, 0x21

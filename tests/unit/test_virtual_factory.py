@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from usbip.cli.device_spec import make_device
 from usbip.protocol.constants import Speed
 from usbip.virtual import (
     AudioDevice,
@@ -14,9 +15,8 @@ from usbip.virtual import (
     SerialDevice,
     StorageDevice,
     demo_devices,
-    make_device,
-    parse_size,
 )
+from usbip.virtual.storage import parse_size
 
 
 def test_loopback_specs():

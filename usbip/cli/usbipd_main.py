@@ -250,7 +250,8 @@ async def _run(args: argparse.Namespace) -> int:
 
 async def _run_server(args: argparse.Namespace, capture: CaptureFile | None) -> int:
     from ..server import Server
-    from ..virtual import demo_devices, make_device
+    from ..virtual import demo_devices
+    from .device_spec import make_device
 
     # from the start: a SIGTERM while starting up ends the server cleanly once it is up
     loop = asyncio.get_running_loop()

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from ..protocol import DeviceRecord
 from ..vhci import persist as persist_mod
 from ..vhci.driver import SPEED_TEXT, VhciDriver, VhciError
-from ..vhci.imports import REATTACHING, attach_device, detach, imported_ports
+from ..vhci.imports import ImportedPort, attach_device, detach, imported_ports
 from . import exitcodes
 
 log = logging.getLogger("usbip")
@@ -103,39 +103,37 @@ def port_command(as_json: bool = False) -> int:
     except VhciError as exc:
         return exitcodes.report(log, exc)
     if as_json:
-        print(json.dumps({"ports": ports}, indent=2))
+        print(json.dumps({"ports": [p.to_json() for p in ports]}, indent=2))
     else:
         print(format_ports(ports))
     return exitcodes.OK
 
 
-def format_ports(ports: list[dict[str, object]]) -> str:
+def format_ports(ports: list[ImportedPort]) -> str:
     """What usbip_vhci_imported_device_dump (libsrc/vhci_driver.c) prints."""
     from ..names import usb_ids
 
     ids = usb_ids()
     lines = ["Imported USB devices", "===================="]
     for d in ports:
-        speed = SPEED_TEXT.get(int(d["speed"]), "Unknown Speed")  # type: ignore[call-overload]
-        waiting = d["status_text"] == REATTACHING
-        if waiting:
-            lines.append(f"Port {int(d['port']):02d}: <{d['status_text']}>")  # type: ignore[call-overload]
+        if d.reattaching:
+            lines.append(f"Port {d.port:02d}: <{d.status_text}>")
         else:
-            lines.append(f"Port {int(d['port']):02d}: <{d['status_text']}> at {speed}")  # type: ignore[call-overload]
-            lines.append(f"       {ids.product(int(str(d['idVendor']), 16), int(str(d['idProduct']), 16))}")
-        remote = d["remote"]
-        busid = str(d["local_busid"])
+            speed = SPEED_TEXT.get(d.speed, "Unknown Speed")
+            lines.append(f"Port {d.port:02d}: <{d.status_text}> at {speed}")
+            lines.append(f"       {ids.product(d.vendor, d.product)}")
         notes = []
-        if d.get("tls_relay"):
-            notes.append(f"TLS, relay pid {d['tls_relay']}")
-        sup = d.get("persist")
-        if isinstance(sup, dict):
-            notes.append(f"persistent, supervisor pid {sup['pid']}" + ("" if sup["running"] else " (not running)"))
+        if d.tls_relay:
+            notes.append(f"TLS, relay pid {d.tls_relay}")
+        if d.persist is not None:
+            running = "" if d.persist.running else " (not running)"
+            notes.append(f"persistent, supervisor pid {d.persist.pid}{running}")
         extra = f" ({'; '.join(notes)})" if notes else ""
-        if isinstance(remote, dict):
-            lines.append(f"{busid:>10} -> usbip://{remote['host']}:{remote['port']}/{remote['busid']}{extra}")
+        if d.remote is not None:
+            r = d.remote
+            lines.append(f"{d.local_busid:>10} -> usbip://{r.host}:{r.port}/{r.busid}{extra}")
         else:
-            lines.append(f"{busid:>10} -> unknown host, remote port and remote busid{extra}")
-        if not waiting:
-            lines.append(f"{'':>10} -> remote bus/dev {int(d['busnum']):03d}/{int(d['devnum']):03d}")  # type: ignore[call-overload]
+            lines.append(f"{d.local_busid:>10} -> unknown host, remote port and remote busid{extra}")
+        if not d.reattaching:
+            lines.append(f"{'':>10} -> remote bus/dev {d.busnum:03d}/{d.devnum:03d}")
     return "\n".join(lines)

@@ -46,7 +46,7 @@ STATUS_TEXT = {
     VDEV_ST_USED: "Port in Use",
     VDEV_ST_ERROR: "Port Error",
 }
-SPEED_TEXT = {
+SPEED_TEXT: dict[int, str] = {  # keyed by Speed (an IntEnum), looked up with the status line's number
     Speed.UNKNOWN: "Unknown Speed",
     Speed.LOW: "Low Speed(1.5Mbps)",
     Speed.FULL: "Full Speed(12Mbps)",

@@ -12,7 +12,7 @@ import socket
 import ssl
 import time
 from collections.abc import Collection, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from ..client import Connection
 from ..client.connection import Channel
@@ -20,7 +20,7 @@ from ..protocol import DeviceRecord
 from ..tls import TlsChannel
 from . import persist as persist_mod
 from . import relay
-from .driver import STATUS_TEXT, VhciDriver, VhciError, VhciPort
+from .driver import STATUS_TEXT, ImportRecord, VhciDriver, VhciError, VhciPort
 from .persist import pid_alive
 
 log = logging.getLogger("usbip")
@@ -180,7 +180,61 @@ def _local_ids(busid: str) -> tuple[int, int]:
     return rd("idVendor"), rd("idProduct")
 
 
-def imported_ports(driver: VhciDriver) -> list[dict[str, object]]:
+REATTACHING = "Re-attaching (persistent import)"
+
+
+@dataclass(frozen=True)
+class Supervisor:
+    """The supervisor process of a persistent import."""
+
+    pid: int
+    running: bool
+
+
+@dataclass(frozen=True)
+class ImportedPort:
+    """One vhci port in use (or being re-attached by a persistent import's supervisor)."""
+
+    port: int
+    hub: str
+    status: int
+    status_text: str
+    speed: int
+    devid: int
+    busnum: int
+    devnum: int
+    local_busid: str
+    vendor: int  # of the local device vhci-hcd made, 0 while re-attaching
+    product: int
+    remote: ImportRecord | None  # where the import came from (the record beside the port)
+    tls_relay: int | None
+    persist: Supervisor | None
+
+    @property
+    def reattaching(self) -> bool:
+        return self.status_text == REATTACHING
+
+    def to_json(self) -> dict[str, object]:
+        """The form ``usbip port --json`` prints (ids as 4-digit hex, like sysfs)."""
+        return {
+            "port": self.port,
+            "hub": self.hub,
+            "status": self.status,
+            "status_text": self.status_text,
+            "speed": self.speed,
+            "devid": self.devid,
+            "busnum": self.busnum,
+            "devnum": self.devnum,
+            "local_busid": self.local_busid,
+            "idVendor": f"{self.vendor:04x}",
+            "idProduct": f"{self.product:04x}",
+            "remote": None if self.remote is None else asdict(self.remote),
+            "tls_relay": self.tls_relay,
+            "persist": None if self.persist is None else asdict(self.persist),
+        }
+
+
+def imported_ports(driver: VhciDriver) -> list[ImportedPort]:
     """The ports in use, and the free ports a persistent import is being re-attached from."""
     out = []
     persist = driver.persist_ports()
@@ -192,27 +246,24 @@ def imported_ports(driver: VhciDriver) -> list[dict[str, object]]:
         rec = driver.read_record(p.port)
         vid, pid = _local_ids(p.local_busid) if p.in_use else (0, 0)
         out.append(
-            {
-                "port": p.port,
-                "hub": p.hub,
-                "status": p.status,
-                "status_text": STATUS_TEXT.get(p.status, "Unknown") if p.in_use else REATTACHING,
-                "speed": p.speed,
-                "devid": p.devid,
-                "busnum": p.busnum,
-                "devnum": p.devnum,
-                "local_busid": p.local_busid,
-                "idVendor": f"{vid:04x}",
-                "idProduct": f"{pid:04x}",
-                "remote": None if rec is None else {"host": rec.host, "port": rec.port, "busid": rec.busid},
-                "tls_relay": _live_relay(driver, p.port),
-                "persist": None if sup is None else {"pid": sup, "running": running},
-            }
+            ImportedPort(
+                port=p.port,
+                hub=p.hub,
+                status=p.status,
+                status_text=STATUS_TEXT.get(p.status, "Unknown") if p.in_use else REATTACHING,
+                speed=p.speed,
+                devid=p.devid,
+                busnum=p.busnum,
+                devnum=p.devnum,
+                local_busid=p.local_busid,
+                vendor=vid,
+                product=pid,
+                remote=rec,
+                tls_relay=_live_relay(driver, p.port),
+                persist=None if sup is None else Supervisor(sup, running),
+            )
         )
     return out
-
-
-REATTACHING = "Re-attaching (persistent import)"
 
 
 @contextlib.contextmanager
