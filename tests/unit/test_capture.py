@@ -10,7 +10,6 @@ import threading
 
 import pytest
 
-from usbip import capture as capmod
 from usbip.capture import (
     EV_COMPLETE,
     EV_ERROR,
@@ -24,8 +23,6 @@ from usbip.capture import (
     MON_INT,
     MON_ISO,
     CaptureFile,
-    add_capture_options,
-    capture_from_args,
     file_header,
     iso_descriptors,
     iso_info,
@@ -33,6 +30,8 @@ from usbip.capture import (
     read_records,
     usbmon_header,
 )
+from usbip.capture import file as capmod
+from usbip.cli.capture import add_capture_options, capture_from_args
 from usbip.pool import BufferPool
 from usbip.protocol import CmdSubmit, IsoPackets, Urb
 from usbip.protocol.constants import ECONNRESET, ENODEV, ENOENT, XFER_BULK, XFER_CONTROL, XFER_INT, XFER_ISOC

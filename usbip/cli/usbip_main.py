@@ -11,10 +11,10 @@ import ssl
 import sys
 from typing import Any
 
-from ..capture import add_capture_options
 from ..protocol.constants import USBIP_PORT
 from ..tls import client_context
 from . import exitcodes, sdnotify
+from .capture import add_capture_options
 from .logs import setup_logging
 from .version import version_string
 
@@ -328,8 +328,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from ..capture import capture_from_args
     from .bench import bench_command
+    from .capture import capture_from_args
 
     try:
         capture = capture_from_args(args, "usbip bench")

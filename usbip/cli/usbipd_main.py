@@ -17,12 +17,13 @@ from typing import TYPE_CHECKING
 
 from ..backends.discovery import MODES
 from ..backends.discovery import resolve as resolve_enumeration
-from ..capture import CaptureFile, add_capture_options, capture_from_args
+from ..capture import CaptureFile
 from ..protocol.constants import USBIP_PORT
 from ..server.access import AccessPolicy
 from ..server.limits import MiB, ServerLimits
 from ..tls import server_context
 from . import config, exitcodes, sdnotify
+from .capture import add_capture_options, capture_from_args
 from .logs import setup_logging
 from .version import version_string
 
