@@ -8,24 +8,13 @@ from __future__ import annotations
 import os
 
 from .audio import AudioDevice
-from .framework import (
-    DEFERRED,
-    Association,
-    Configuration,
-    Endpoint,
-    Interface,
-    UsbError,
-    VirtualDevice,
-    WaitQueue,
-    complete_in,
-    configuration,
-    endpoint,
-    interface,
-)
+from .descriptors import Association, Configuration, Endpoint, Interface, configuration, endpoint, interface
+from .framework import DEFERRED, UsbError, VirtualDevice
 from .keyboard import KeyboardDevice
 from .loopback import LoopbackDevice
 from .serial import SerialDevice
 from .storage import StorageDevice
+from .waiting import WaitQueue, complete_in
 
 __all__ = [
     "DEFERRED",

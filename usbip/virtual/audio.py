@@ -54,19 +54,9 @@ from typing import Any
 
 from ..device import Urb
 from ..protocol.constants import EINVAL, EOVERFLOW, XFER_ISOC, Speed
-from .framework import (
-    DIR_IN,
-    RECIP_INTERFACE,
-    RECIP_MASK,
-    TYPE_CLASS,
-    TYPE_MASK,
-    Association,
-    VirtualDevice,
-    configuration,
-    endpoint,
-    instance_serial,
-    interface,
-)
+from ..usb.ch9 import DIR_IN, RECIP_INTERFACE, RECIP_MASK, TYPE_CLASS, TYPE_MASK
+from .descriptors import Association, configuration, endpoint, instance_serial, interface
+from .framework import VirtualDevice
 
 log = logging.getLogger(__name__)
 

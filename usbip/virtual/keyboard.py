@@ -37,17 +37,10 @@ from collections import deque
 
 from ..device import Urb
 from ..protocol.constants import XFER_INT, Speed
-from .framework import (
-    DIR_IN,
-    RECIP_INTERFACE,
-    TYPE_CLASS,
-    VirtualDevice,
-    WaitQueue,
-    configuration,
-    endpoint,
-    instance_serial,
-    interface,
-)
+from ..usb.ch9 import DIR_IN, RECIP_INTERFACE, TYPE_CLASS
+from .descriptors import configuration, endpoint, instance_serial, interface
+from .framework import VirtualDevice
+from .waiting import WaitQueue
 
 log = logging.getLogger(__name__)
 

@@ -31,19 +31,10 @@ from collections import deque
 
 from ..device import Urb
 from ..protocol.constants import EOVERFLOW, XFER_BULK, XFER_INT, XFER_ISOC, Speed
-from .framework import (
-    DIR_IN,
-    TYPE_MASK,
-    TYPE_VENDOR,
-    VirtualDevice,
-    WaitQueue,
-    bulk_max_packet,
-    complete_in,
-    configuration,
-    endpoint,
-    instance_serial,
-    interface,
-)
+from ..usb.ch9 import DIR_IN, TYPE_MASK, TYPE_VENDOR
+from .descriptors import bulk_max_packet, configuration, endpoint, instance_serial, interface
+from .framework import VirtualDevice
+from .waiting import WaitQueue, complete_in
 
 CTRL_BUF_SIZE = 4096  # USB_COMP_EP0_BUFSIZ
 _CACHE = 1 << 20

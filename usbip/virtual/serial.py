@@ -21,18 +21,10 @@ import tty
 
 from ..device import Urb
 from ..protocol.constants import XFER_BULK, XFER_INT, Speed
-from .framework import (
-    DIR_IN,
-    RECIP_INTERFACE,
-    TYPE_CLASS,
-    VirtualDevice,
-    WaitQueue,
-    bulk_max_packet,
-    configuration,
-    endpoint,
-    instance_serial,
-    interface,
-)
+from ..usb.ch9 import DIR_IN, RECIP_INTERFACE, TYPE_CLASS
+from .descriptors import bulk_max_packet, configuration, endpoint, instance_serial, interface
+from .framework import VirtualDevice
+from .waiting import WaitQueue
 
 SET_LINE_CODING = 0x20
 GET_LINE_CODING = 0x21

@@ -34,18 +34,10 @@ import struct
 
 from ..device import Urb
 from ..protocol.constants import EPIPE, XFER_BULK, Speed
-from .framework import (
-    DIR_IN,
-    RECIP_INTERFACE,
-    TYPE_CLASS,
-    VirtualDevice,
-    WaitQueue,
-    bulk_max_packet,
-    complete_in,
-    configuration,
-    endpoint,
-    interface,
-)
+from ..usb.ch9 import DIR_IN, RECIP_INTERFACE, TYPE_CLASS
+from .descriptors import bulk_max_packet, configuration, endpoint, interface
+from .framework import VirtualDevice
+from .waiting import WaitQueue, complete_in
 
 log = logging.getLogger(__name__)
 
