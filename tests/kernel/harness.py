@@ -49,7 +49,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from .errors import CommandFailed, CommandTimeout, GuestDied, GuestError, GuestTimeout, Result
-from .initramfs import GUEST_SHARE, qemu_binary, build_initramfs, cache_dir, find_kernel, skip_reason
+from .initramfs import GUEST_SHARE, build_initramfs, cache_dir, find_kernel, qemu_binary, skip_reason
 
 __all__ = [
     "GUEST_SHARE",
