@@ -47,13 +47,16 @@ OURS = "ours"
 PURE = "ours-pure"
 SERVERS = (CEILING, OURS, PURE)
 
+# iso IN: URBs of ISO_PACKETS packets of ISO_SIZE bytes on every server (the loopback's iso maxp;
+# the ceiling's iso endpoint has the same wMaxPacketSize), so the servers move the same packets
+ISO_PACKETS = 8
+ISO_SIZE = 1024
 # what each server exports: busid, bulk IN ep, bulk OUT ep, iso IN ep, iso packet size
 DEVICE = {
-    CEILING: {"busid": "1-1", "bulk_in": 1, "bulk_out": 1, "iso_in": 2, "iso_size": 3072},
-    OURS: {"busid": "100-1", "bulk_in": 1, "bulk_out": 1, "iso_in": 3, "iso_size": 1024},
-    PURE: {"busid": "100-1", "bulk_in": 1, "bulk_out": 1, "iso_in": 3, "iso_size": 1024},
+    CEILING: {"busid": "1-1", "bulk_in": 1, "bulk_out": 1, "iso_in": 2, "iso_size": ISO_SIZE},
+    OURS: {"busid": "100-1", "bulk_in": 1, "bulk_out": 1, "iso_in": 3, "iso_size": ISO_SIZE},
+    PURE: {"busid": "100-1", "bulk_in": 1, "bulk_out": 1, "iso_in": 3, "iso_size": ISO_SIZE},
 }
-ISO_PACKETS = 8
 ISO_ALT = "0:1"  # gadget zero's iso endpoints live in alt setting 1 (the ceiling accepts any SET_INTERFACE)
 
 _PORT_RE = {
@@ -296,7 +299,7 @@ class Case:
         if self.mode == "control":
             return f"{prefix}control GET_DESCRIPTOR x{self.inflight}"
         if self.mode == "iso-in":
-            return f"{prefix}iso-in {ISO_PACKETS} packets x{self.inflight}"
+            return f"{prefix}iso-in {ISO_PACKETS} x {fmt_size(ISO_SIZE)} packets x{self.inflight}"
         return f"{prefix}{self.mode} {fmt_size(self.size)} x{self.inflight}"
 
     @property
@@ -307,6 +310,11 @@ class Case:
         if self.mode == "iso-in" or self.size >= 16384:
             return "mb_per_s"
         return "urbs_per_s"
+
+    @property
+    def extra_metrics(self) -> tuple[str, ...]:
+        """Figures reported in rows of their own after the headline: iso's URB rate besides its MB/s."""
+        return ("urbs_per_s",) if self.mode == "iso-in" else ()
 
 
 def fmt_size(n: int) -> str:
@@ -441,12 +449,6 @@ class CaseResult:
     def to_json(self) -> dict[str, Any]:
         med = self.medians()
         metric = self.case.metric
-        ratios = {}
-        c, o, p = (med.get(s, {}).get(metric) for s in SERVERS)
-        if o and c:
-            ratios["ours_over_ceiling"] = round(o / c, 3)
-        if o and p:
-            ratios["ours_over_pure"] = round(o / p, 3)
         return {
             "case": self.case.name,
             "mode": self.case.mode,
@@ -455,9 +457,21 @@ class CaseResult:
             "client": self.case.client,
             "metric": metric,
             "medians": med,
-            "ratios": ratios,
+            "ratios": server_ratios(med, metric),
+            "extra_metrics": {m: server_ratios(med, m) for m in self.case.extra_metrics},
             "runs": self.runs,
         }
+
+
+def server_ratios(med: dict[str, dict[str, Any]], metric: str) -> dict[str, float]:
+    """ours/ceiling and ours/pure of ``metric`` from the per-server medians (where both are there)."""
+    ratios = {}
+    c, o, p = (med.get(s, {}).get(metric) for s in SERVERS)
+    if o and c:
+        ratios["ours_over_ceiling"] = round(o / c, 3)
+    if o and p:
+        ratios["ours_over_pure"] = round(o / p, 3)
+    return ratios
 
 
 def interleaved(
@@ -782,21 +796,21 @@ def table_rows(results: list[dict[str, Any]]) -> list[list[str]]:
     ]
     for r in results:
         med = r["medians"]
-        metric = r["metric"]
-        vals = [med.get(s, {}).get(metric) for s in SERVERS]
-        rat = r.get("ratios", {})
-        cpu_key, cpu_unit = ("cpu_s_per_gb", "s/GB") if metric == "mb_per_s" else ("cpu_us_per_urb", "s/MURB")
-        rows.append(
-            [
-                r["case"],
-                metric_label(metric),
-                *(fmt_num(v) for v in vals),
-                f"{rat['ours_over_ceiling']:.2f}" if "ours_over_ceiling" in rat else "-",
-                f"{rat['ours_over_pure']:.2f}" if "ours_over_pure" in rat else "-",
-                cpu_unit,
-                *(fmt_num(med.get(s, {}).get(cpu_key)) for s in SERVERS),
-            ]
-        )
+        # the headline metric, then any extra ones (iso: URB/s after MB/s), a row each
+        for metric, rat in [(r["metric"], r.get("ratios", {})), *(r.get("extra_metrics") or {}).items()]:
+            vals = [med.get(s, {}).get(metric) for s in SERVERS]
+            cpu_key, cpu_unit = ("cpu_s_per_gb", "s/GB") if metric == "mb_per_s" else ("cpu_us_per_urb", "s/MURB")
+            rows.append(
+                [
+                    r["case"],
+                    metric_label(metric),
+                    *(fmt_num(v) for v in vals),
+                    f"{rat['ours_over_ceiling']:.2f}" if "ours_over_ceiling" in rat else "-",
+                    f"{rat['ours_over_pure']:.2f}" if "ours_over_pure" in rat else "-",
+                    cpu_unit,
+                    *(fmt_num(med.get(s, {}).get(cpu_key)) for s in SERVERS),
+                ]
+            )
     return rows
 
 

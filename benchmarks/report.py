@@ -54,9 +54,9 @@ def markdown(doc: dict[str, Any]) -> str:
             f"Medians of {s.get('repeats', '?')} interleaved runs of {s.get('seconds', '?')} s per server "
             "(C `loadgen` unless the case says pyclient: our asyncio client). Control: p50 latency "
             "(lower is better). CPU: server utime+stime over the measured window, in seconds per "
-            "million URBs (s/MURB = us per URB) or per GB. Iso: 8 packets per URB, 3072 B against "
-            "the ceiling, 1024 B (the loopback's iso maxp) against ours."
-            + (" QUICK RUN: not a measurement." if s.get("quick") else "")
+            "million URBs (s/MURB = us per URB) or per GB. Iso: 8 packets of 1024 B per URB "
+            "(the loopback's iso maxp; the ceiling's iso endpoint has the same) on every server, "
+            "reported as MB/s and as URB/s." + (" QUICK RUN: not a measurement." if s.get("quick") else "")
         )
     targets = doc.get("targets") or []
     if targets:

@@ -8,7 +8,9 @@
  *
  * Exports one device (busid "1-1", busnum 1, devnum 2, high speed,
  * 0525:a4a0, one vendor-specific interface with ep1 bulk IN/OUT (512) and
- * ep2 iso IN (wMaxPacketSize 0x1400)).  Every URB completes immediately:
+ * ep2 iso IN (wMaxPacketSize 0x0400: 1024 bytes, one per microframe, as the
+ * loopback device's iso source, so that both servers move the same packets)).
+ * Every URB completes immediately:
  *   - bulk/int IN:  transfer_buffer_length zero bytes, status 0
  *   - OUT:          data discarded, actual_length = transfer_buffer_length
  *   - iso IN:       every packet full, status 0, error_count 0
@@ -93,8 +95,8 @@ static const uint8_t cfg_desc[9 + 9 + 7 * 3] = {
     7, 0x05, 0x81, 0x02, 0x00, 0x02, 0,
     /* ep1 bulk OUT, 512 */
     7, 0x05, 0x01, 0x02, 0x00, 0x02, 0,
-    /* ep2 iso IN (async), 1024 x 3 per microframe, interval 1 */
-    7, 0x05, 0x82, 0x05, 0x00, 0x14, 1,
+    /* ep2 iso IN (async), 1024 x 1 per microframe (the loopback's iso maxp), interval 1 */
+    7, 0x05, 0x82, 0x05, 0x00, 0x04, 1,
 };
 
 static const uint8_t str0_desc[4] = {4, 0x03, 0x09, 0x04};

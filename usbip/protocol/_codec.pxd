@@ -75,6 +75,8 @@ cdef class IsoPackets:
     cpdef int64_t gather(self, object src, object dst) except -1
     @cython.locals(r=int)
     cpdef spread(self, object buf, int64_t actual_length)
+    @cython.locals(size=Py_ssize_t, end=Py_ssize_t)
+    cpdef Py_ssize_t pack_into(self, object buf, Py_ssize_t offset) except -1
 
 
 cdef _iso_put(IsoPackets iso, Py_ssize_t i, uint32_t offset, uint32_t length, uint32_t actual_length,
@@ -82,6 +84,9 @@ cdef _iso_put(IsoPackets iso, Py_ssize_t i, uint32_t offset, uint32_t length, ui
 
 @cython.locals(iso=IsoPackets)
 cdef IsoPackets _iso_of(bytearray raw)
+
+@cython.locals(size=Py_ssize_t, raw=bytearray)
+cdef IsoPackets _iso_unpack(object buf, Py_ssize_t offset, Py_ssize_t count)
 
 
 cdef class Decoder:

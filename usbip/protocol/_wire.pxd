@@ -7,10 +7,10 @@ Only ``cimport``-ed by ``usbip/protocol/codec.py`` when Cython compiles it as
 """
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
-from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndSize, PyByteArray_GET_SIZE
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memmove
 
 
 cdef extern from "Python.h":
@@ -38,6 +38,38 @@ cdef inline unsigned char *ba_ptr(bytearray b):
 cdef inline bint ba_exported(bytearray b):
     """True while a memoryview (a payload handed out) holds the bytearray's memory."""
     return (<PyByteArrayObject *>b).ob_exports != 0
+
+
+cdef inline bytearray copy_out(object buf, Py_ssize_t offset, Py_ssize_t size):
+    """A new bytearray of ``buf[offset:offset+size]`` (one memcpy); None if the buffer is shorter.
+
+    The caller has checked ``offset >= 0`` and ``size >= 0``.
+    """
+    cdef Py_buffer view
+    cdef const char *p
+    cdef Py_ssize_t n
+    if type(buf) is bytearray:  # fast paths: no Py_buffer round trip
+        p = PyByteArray_AS_STRING(buf)
+        n = PyByteArray_GET_SIZE(buf)
+    elif type(buf) is bytes:
+        p = PyBytes_AS_STRING(buf)
+        n = PyBytes_GET_SIZE(buf)
+    else:
+        PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
+        try:
+            if view.len - offset < size:
+                return None
+            return PyByteArray_FromStringAndSize(<const char *>view.buf + offset, size)
+        finally:
+            PyBuffer_Release(&view)
+    if n - offset < size:
+        return None
+    return PyByteArray_FromStringAndSize(p + offset, size)
+
+
+cdef inline void ba_put(bytearray dst, Py_ssize_t offset, bytearray src) noexcept:
+    """``dst[offset:offset+len(src)] = src`` as a memmove (the caller has checked that it fits)."""
+    memmove(PyByteArray_AS_STRING(dst) + offset, PyByteArray_AS_STRING(src), PyByteArray_GET_SIZE(src))
 
 
 cdef inline object read_header(object buf, Py_ssize_t offset, uint32_t *w):

@@ -372,6 +372,20 @@ def _iso_of(raw: bytearray) -> IsoPackets:
     return iso
 
 
+def _iso_unpack(buf: bytes | bytearray | memoryview, offset: int, count: int) -> IsoPackets:
+    """IsoPackets of the ``count`` descriptors at ``buf[offset:]`` (count and offset checked by the caller)."""
+    size = count * ISO_DESC_SIZE
+    if cython.compiled:
+        raw = _wire.copy_out(buf, offset, size)  # one memcpy into a new bytearray; None if short
+        if raw is None:
+            raise ProtocolError("iso packet descriptors truncated")
+    else:
+        if len(buf) - offset < size:
+            raise ProtocolError("iso packet descriptors truncated")
+        raw = bytearray(memoryview(buf)[offset : offset + size])
+    return _iso_of(raw)
+
+
 class IsoPackets:
     """An array of isochronous packet descriptors: (offset, length, actual_length, status).
 
@@ -411,15 +425,17 @@ class IsoPackets:
             raise ProtocolError(f"number_of_packets {count} outside 0..{USBIP_MAX_ISO_PACKETS}")
         if offset < 0:
             raise ValueError(f"negative offset {offset}")
-        size = count * ISO_DESC_SIZE
-        if len(buf) - offset < size:
-            raise ProtocolError("iso packet descriptors truncated")
-        return _iso_of(bytearray(memoryview(buf)[offset : offset + size]))
+        return _iso_unpack(buf, offset, count)
 
     def pack_into(self, buf: bytearray | memoryview, offset: int) -> int:
-        end = offset + len(self._raw)
+        size = len(self._raw)
+        end = offset + size
         if offset < 0 or len(buf) < end:
-            raise ValueError(f"buffer too small: need {len(self._raw)} bytes at offset {offset}")
+            raise ValueError(f"buffer too small: need {size} bytes at offset {offset}")
+        if cython.compiled:
+            if type(buf) is bytearray:  # a memmove, no slice object
+                _wire.ba_put(buf, offset, self._raw)
+                return end
         buf[offset:end] = self._raw
         return end
 
@@ -500,12 +516,18 @@ class IsoPackets:
             if pos < 0:
                 raise ValueError("iso packet outside the buffer")
             return pos
+        # memoryview to memoryview: a memcpy per packet, no intermediate bytes
+        s = memoryview(src)
+        d = memoryview(dst)
+        slen = len(s)
+        dlen = len(d)
         pos = 0
         for off, _length, actual, _status in _ISO.iter_unpack(self._raw):
-            if off + actual > len(src) or pos + actual > len(dst):
+            end = pos + actual
+            if off + actual > slen or end > dlen:
                 raise ValueError("iso packet outside the buffer")
-            dst[pos : pos + actual] = src[off : off + actual]
-            pos += actual
+            d[pos:end] = s[off : off + actual]
+            pos = end
         return pos
 
     def spread(self, buf: bytearray | memoryview, actual_length: int) -> None:
@@ -514,26 +536,31 @@ class IsoPackets:
         The receiver's half of iso IN (``usbip_pad_iso`` in usbip_common.c); packets
         are moved last to first so none is overwritten before it is moved.
         """
-        total = self.total_actual()
-        if total != actual_length:
-            raise ProtocolError(f"iso actual_lengths sum to {total}, header says {actual_length}")
         if cython.compiled:
+            total = self.total_actual()
+            if total != actual_length:
+                raise ProtocolError(f"iso actual_lengths sum to {total}, header says {actual_length}")
             r = _wire.iso_spread(buf, actual_length, _wire.ba_ptr(self._raw), self._n)
             if r == -1:
                 raise ProtocolError("iso data larger than the buffer")
             if r < 0:
                 raise ProtocolError("iso packet outside the buffer")
             return
+        packets = self.tolist()  # one pass over the descriptors for the sum and the moves
+        total = sum([p[2] for p in packets])
+        if total != actual_length:
+            raise ProtocolError(f"iso actual_lengths sum to {total}, header says {actual_length}")
         mv = memoryview(buf)
-        if actual_length > len(mv):
+        n = len(mv)
+        if actual_length > n:
             raise ProtocolError("iso data larger than the buffer")
         pos = actual_length
-        for off, _length, actual, _status in reversed(self.tolist()):
+        for off, _length, actual, _status in reversed(packets):
             pos -= actual
-            if off + actual > len(mv):
+            if off + actual > n:
                 raise ProtocolError("iso packet outside the buffer")
             if off != pos and actual:
-                mv[off : off + actual] = bytes(mv[pos : pos + actual])
+                mv[off : off + actual] = mv[pos : pos + actual]  # memoryview copies overlapping slices safely
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, IsoPackets) and self.to_bytes() == other.to_bytes()
@@ -745,7 +772,7 @@ class Decoder:
         np = msg.number_of_packets  # type: ignore[union-attr]
         if np <= 0:
             return
-        iso = IsoPackets.unpack(buf, pos + max(data_len, 0), np)
+        iso = _iso_unpack(buf, pos + max(data_len, 0), np)  # np in 1..max_iso_packets: checked by _header
         try:
             if type(msg) is CmdSubmit:
                 iso.validate(msg.transfer_buffer_length)
