@@ -95,7 +95,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 # ---------------------------------------------------------------- end-to-end benchmarks
 def pytest_configure(config):
     # test_e2e.py / test_gigabit.py results: table at the end, JSON in .benchmarks/latest.json
-    from ._harness import E2EReporter
+    from .harness import E2EReporter
 
     if not config.pluginmanager.has_plugin(E2EReporter.name):
         config.pluginmanager.register(E2EReporter(config), E2EReporter.name)
@@ -103,7 +103,7 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session")
 def e2e_reporter(request):
-    from ._harness import E2EReporter
+    from .harness import E2EReporter
 
     return request.config.pluginmanager.get_plugin(E2EReporter.name)
 
@@ -111,7 +111,7 @@ def e2e_reporter(request):
 @pytest.fixture(scope="module")
 def link():
     """The emulated gigabit link between two network namespaces (skips without root/iproute2)."""
-    from ._harness import LinkUnavailable, netns_link
+    from .harness import LinkUnavailable, netns_link
 
     try:
         with netns_link() as built:

@@ -17,7 +17,7 @@ import pathlib
 import sys
 from typing import Any
 
-from ._harness import (
+from .harness import (
     CEILING,
     OURS,
     PURE,

@@ -11,7 +11,7 @@ import pytest
 from usbip.bench import first_bulk_endpoints, plan
 from usbip.cli import exitcodes
 
-from ._harness import CEILING, OURS, PYTHON, REPO, BuildError, ServerProc, build
+from .harness import CEILING, OURS, PYTHON, REPO, BuildError, ServerProc, build
 
 RESULT_KEYS = {
     "name",

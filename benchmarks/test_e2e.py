@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import pytest
 
-from ._harness import (
+from .harness import (
     CEILING,
     OURS,
     PURE,

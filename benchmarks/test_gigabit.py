@@ -13,7 +13,7 @@ asserted).
 Root only; skipped when ``ip netns`` does not work. Names are unique per run; the
 namespaces (and with them the veth pair) are always removed. Only addresses inside the
 two namespaces (10.213.N.1/30 and 10.213.N.2/30) are used. The link is built by
-``_harness.netns_link`` (the ``link`` fixture in conftest.py, test_tls.py uses it too).
+``harness.netns_link`` (the ``link`` fixture in conftest.py, test_tls.py uses it too).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import textwrap
 
 import pytest
 
-from ._harness import (
+from .harness import (
     CEILING,
     OURS,
     PYTHON,

@@ -21,7 +21,7 @@ import pytest
 from tests.kernel import gadgets
 from tests.kernel.harness import Guest
 
-from ._harness import build, env_int, run_settings
+from .harness import build, env_int, run_settings
 
 MODES = ("pollfd", "thread")
 PORT = 3240

@@ -37,7 +37,7 @@ from tests.kernel import gadgets
 from tests.kernel.harness import Guest
 from usbip.backends.state import BindState, make_rule
 
-from ._harness import KERNEL, OURS, Case, CaseResult, build, env_float, env_int, lvk_doc
+from .harness import KERNEL, OURS, Case, CaseResult, build, env_float, env_int, lvk_doc
 
 #: Debian's usbipd (kernel export) and ours listen on different ports: Debian's stays up all along
 KERNEL_PORT = 3240

@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from ._harness import OURS, ServerProc, run_settings
+from .harness import OURS, ServerProc, run_settings
 
 pytest.importorskip("usb")
 import usb.core

@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from ._harness import (
+from .harness import (
     OURS,
     PLAIN,
     TLS,
