@@ -1,4 +1,5 @@
-"""``usbip bench`` (usbip/bench.py): our client's matrix against a server, JSON shape and exit codes."""
+"""``usbip bench`` (usbip/client/bench.py, usbip/cli/bench.py): our client's matrix against a server,
+JSON shape and exit codes."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import subprocess
 
 import pytest
 
-from usbip.bench import first_bulk_endpoints, plan
 from usbip.cli import exitcodes
+from usbip.client.bench import first_bulk_endpoints, plan
 
 from .harness import CEILING, OURS, PYTHON, REPO, BuildError, ServerProc, build
 

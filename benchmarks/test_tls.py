@@ -1,7 +1,7 @@
 """TLS against plain TCP: what ``usbipd --tls-cert`` costs.
 
 The same usbipd (compiled, ``--virtual loopback``) runs twice, plain and with ``--tls-cert``;
-the same client, ours (``python -m usbip.bench``, with ``--tls-ca`` for TLS: the C loadgen speaks
+the same client, ours (``python -m usbip.client.bench``, with ``--tls-ca`` for TLS: the C loadgen speaks
 plain TCP only), drives both, interleaved (plain, TLS, TLS, plain, ...), medians. Cases: bulk IN
 512 B x32 (URB/s), bulk IN and OUT 64 KiB x8 (MB/s), control GET_DESCRIPTOR x1 (p50 and p99
 latency), each with the server's CPU per URB from /proc. On loopback, and over the emulated
@@ -10,7 +10,7 @@ ratios go to the session summary, ``.benchmarks/latest.json`` ("tls") and, throu
 README. Nothing here asserts a speed.
 
 Certificates: trustme (a throwaway CA and a server certificate; the client trusts the CA and,
-as ``usbip.bench`` does, does not check the name). Beside the cases, the TLS version and cipher
+as ``usbip.client.bench`` does, does not check the name). Beside the cases, the TLS version and cipher
 the session ran with and the time of a connect + handshake against a plain connect (loopback).
 
 Environment: USBIP_BENCH_SECONDS (default 1.5), USBIP_BENCH_REPEATS (default 5 here: the ratio

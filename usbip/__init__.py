@@ -17,12 +17,12 @@ from .protocol.errors import ProtocolError
 
 if TYPE_CHECKING:
     from .client import connect
-    from .device import Device, Urb
     from .server import Server, serve
+    from .usb.device import Device, Urb
 
 # imported on first use (PEP 562): the command-line tools start faster without the server or
 # the client they do not use (each import is a 9p lookup in the kernel-test guest)
-_LAZY = {"connect": ".client", "Device": ".device", "Urb": ".device", "Server": ".server", "serve": ".server"}
+_LAZY = {"connect": ".client", "Device": ".usb.device", "Urb": ".usb.device", "Server": ".server", "serve": ".server"}
 
 
 def __getattr__(name: str) -> Any:

@@ -4,7 +4,7 @@ one module per concern (settings, procs, runner, netlink, tables, reporter).
 * :class:`ServerProc` starts a USB/IP server (the C ceiling, our usbipd compiled or pure)
   on a free port, learns the port from its banner and stops it cleanly.
 * :func:`run_load` runs one load generator (the C ``loadgen`` or our client's
-  ``python3 -m usbip.bench``) against one server and samples the server's CPU time
+  ``python3 -m usbip.client.bench``) against one server and samples the server's CPU time
   (utime + stime of the server and its children, from /proc) over the measured window.
 * :func:`interleaved` runs a case against several servers in turn (A, B, C, A, B, C, ...)
   and keeps the medians, so that the machine's background load hits every server alike.

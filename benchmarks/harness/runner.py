@@ -98,7 +98,7 @@ def load_command(case: Case, server: ServerProc, seconds: float, warmup: float, 
     dev = DEVICE[server.kind]
     host = host or server.host
     if case.client == "py":
-        cmd = [PYTHON, "-m", "usbip.bench", "--host", host, "--port", str(server.port), "--busid", server.busid]
+        cmd = [PYTHON, "-m", "usbip.client.bench", "--host", host, "--port", str(server.port), "--busid", server.busid]
         cmd += server.client_args
     elif server.client_args:
         raise ValueError(f"the C loadgen cannot talk to {server.key} (needs {' '.join(server.client_args)})")

@@ -72,7 +72,7 @@ def tls_rows(results: list[dict[str, Any]]) -> list[list[str]]:
 
 TLS_NOTE = (
     "Same usbipd (compiled, virtual loopback device) served plain and with --tls-cert, driven by the same "
-    "client (our `python -m usbip.bench`, with --tls-ca for TLS); interleaved runs, medians. "
+    "client (our `python -m usbip.client.bench`, with --tls-ca for TLS); interleaved runs, medians. "
     "TLS/plain < 1 for URB/s and MB/s, > 1 for latency and CPU, is what TLS costs. "
     "CPU: server utime+stime per URB (a 64 KiB URB for the MB/s rows)."
 )

@@ -8,8 +8,8 @@ import struct
 from collections.abc import AsyncIterator
 
 from usbip.client import RemoteDevice, Stall
-from usbip.device import Device
 from usbip.server import Server
+from usbip.usb.device import Device
 
 from .helpers import idle, wait_until
 

@@ -8,10 +8,10 @@ import struct
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from usbip.device import Device, Urb
 from usbip.protocol import HEADER_SIZE, Decoder, pack_cmd_submit, pack_cmd_unlink
 from usbip.protocol.constants import ECONNRESET, EPIPE, Speed
 from usbip.protocol.records import pack_import_request, unpack_op_header
+from usbip.usb.device import Device, Urb
 
 T = TypeVar("T")
 

@@ -11,8 +11,8 @@ import pytest
 
 from usbip.capture import CaptureFile, read_records
 from usbip.client import Cancelled, Disconnected, ReconnectPolicy, connect
-from usbip.device import Urb
 from usbip.server import Server
+from usbip.usb.device import Urb
 from usbip.virtual import LoopbackDevice
 
 from .helpers import ProbeDevice, run, wait_until

@@ -15,11 +15,11 @@ import pytest
 
 from usbip.client import Cancelled, Disconnected, ImportRefused, RemoteDevice, connect
 from usbip.client import blocking as blocking_client
-from usbip.descriptors import parse_device_descriptor, walk
-from usbip.device import Urb
 from usbip.protocol.constants import ST_DEV_BUSY, USBIP_RET_SUBMIT, USBIP_RET_UNLINK, Speed
 from usbip.server import Server
 from usbip.usb.ch9 import DT_CONFIG, DT_INTERFACE
+from usbip.usb.descriptors import parse_device_descriptor, walk
+from usbip.usb.device import Urb
 from usbip.virtual import AudioDevice, KeyboardDevice, LoopbackDevice, SerialDevice, StorageDevice, VirtualDevice
 
 from .conftest import (

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from usbip.client import Cancelled, connect
-from usbip.names import usb_ids
+from usbip.usb.names import usb_ids
 
 from .conftest import CSW_GOOD, READ_CAPACITY10, Bot, read10, write10
 from .helpers import run

@@ -27,12 +27,12 @@ from typing import Any
 
 import pytest
 
-from usbip.device import Urb
 from usbip.protocol import HEADER_SIZE, Decoder, IsoPackets, pack_cmd_submit
 from usbip.protocol.constants import OP_HEADER_SIZE, USBIP_DIR_IN, USBIP_DIR_OUT
 from usbip.protocol.records import pack_import_request, unpack_op_header
 from usbip.server import Server
 from usbip.server.session import UrbSession
+from usbip.usb.device import Urb
 from usbip.virtual.audio import AudioDevice
 from usbip.virtual.framework import VirtualDevice
 from usbip.virtual.keyboard import KeyboardDevice

@@ -466,7 +466,7 @@ def test_client_set_interface_and_iso(exported):
         g,
         busid,
         r"""
-        from usbip.descriptors import walk
+        from usbip.usb.descriptors import walk
 
         async def body(dev):
             await dev.set_configuration(1)

@@ -29,9 +29,9 @@ import time
 import pytest
 
 from usbip.client import ImportRefused, connect
-from usbip.descriptors import walk
 from usbip.protocol.codec import pack_cmd_submit
 from usbip.protocol.constants import USBIP_DIR_IN
+from usbip.usb.descriptors import walk
 
 from . import gadgets
 from .guest_usbipd import PORT, STATE

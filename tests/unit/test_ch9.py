@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from usbip import descriptors
 from usbip.protocol import constants
-from usbip.usb import ch9
+from usbip.usb import ch9, descriptors
 from usbip.virtual import framework
 
 

@@ -12,10 +12,10 @@ import pytest
 from usbip.backends.libusb import mapping as m
 from usbip.backends.libusb.device import LibusbDevice
 from usbip.backends.usbdev import UsbDevice
-from usbip.device import Urb
 from usbip.pool import BufferPool
 from usbip.protocol import IsoPackets
 from usbip.protocol.constants import URB_SHORT_NOT_OK, URB_ZERO_PACKET, USBIP_DIR_IN, USBIP_DIR_OUT, Speed
+from usbip.usb.device import Urb
 
 DEV_DESC = bytes.fromhex("12010002000000402505a0a4000101020301")
 CONFIG = bytes.fromhex(

@@ -22,8 +22,8 @@ from usbip.backends.libusb import enumeration as en
 from usbip.backends.libusb.opening import open_handle
 from usbip.backends.state import BindState
 from usbip.backends.usbdev import EnumerationError, UsbDevice
-from usbip.descriptors import walk
 from usbip.protocol.constants import Speed
+from usbip.usb.descriptors import walk
 
 DEV_DESC = bytes.fromhex("12010002000000402505a0a4000101020301")  # 0525:a4a0, iSerialNumber 3
 CONFIG = bytes.fromhex(

@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 
-from usbip.device import Device, Urb
 from usbip.protocol import HEADER_SIZE, Decoder, pack_cmd_submit, pack_cmd_unlink
 from usbip.protocol.constants import (
     EBADR,
@@ -20,6 +19,7 @@ from usbip.protocol.constants import (
 )
 from usbip.server.limits import MiB, ServerLimits
 from usbip.server.session import UrbSession
+from usbip.usb.device import Device, Urb
 from usbip.virtual import LoopbackDevice
 from usbip.virtual.testing import set_configuration
 

@@ -7,8 +7,8 @@ import struct
 
 import pytest
 
-from usbip.descriptors import endpoints, interface_classes, parse_device_descriptor, walk
 from usbip.protocol.constants import ECONNRESET, ENOENT, EPIPE, ESHUTDOWN, XFER_BULK, XFER_INT, Speed
+from usbip.usb.descriptors import endpoints, interface_classes, parse_device_descriptor, walk
 from usbip.virtual import (
     DEFERRED,
     LoopbackDevice,

@@ -8,8 +8,8 @@ import time
 import pytest
 
 from usbip.cli.device_spec import make_device
-from usbip.descriptors import endpoints, interface_classes, walk
 from usbip.protocol.constants import ECONNRESET, EPIPE
+from usbip.usb.descriptors import endpoints, interface_classes, walk
 from usbip.virtual import KeyboardDevice
 from usbip.virtual.keyboard import BOOT_KEYBOARD_REPORT, DEFAULT_DELAY, decode_reports
 from usbip.virtual.testing import bulk_in, control, get_descriptor, result, set_configuration

@@ -187,8 +187,8 @@ def test_reset_clears_fifo():
 
 @pytest.mark.parametrize("pattern", [0, 1])
 def test_source_with_server_pool_buffers(pattern):
-    from usbip.device import Urb
     from usbip.pool import BufferPool
+    from usbip.usb.device import Urb
 
     dev = make(pattern=pattern)
     pool = BufferPool()

@@ -8,8 +8,8 @@ import struct
 
 import pytest
 
-from usbip.descriptors import endpoints, interface_classes, walk
 from usbip.protocol.constants import ECONNRESET, EPIPE
+from usbip.usb.descriptors import endpoints, interface_classes, walk
 from usbip.virtual import SerialDevice
 from usbip.virtual.testing import bulk_in, bulk_out, control, result, set_configuration
 

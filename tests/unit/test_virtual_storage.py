@@ -9,8 +9,8 @@ import struct
 
 import pytest
 
-from usbip.descriptors import endpoints, interface_classes
 from usbip.protocol.constants import EPIPE, Speed
+from usbip.usb.descriptors import endpoints, interface_classes
 from usbip.virtual import StorageDevice
 from usbip.virtual.testing import BotHost, bulk_in, bulk_out, clear_halt, control, result, set_configuration
 

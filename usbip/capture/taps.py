@@ -230,7 +230,7 @@ class ClientCapture:
         if epaddr & 0x0F == 0:
             return MON_CONTROL
         if config is not self._types_of:
-            from ..descriptors import endpoints
+            from ..usb.descriptors import endpoints
 
             types: dict[int, int] = {}
             for e in endpoints(config or b""):

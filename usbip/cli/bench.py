@@ -1,5 +1,5 @@
 """``usbip bench``: the URB rate, throughput and latency of a remote device, printed as a table
-or JSON (the measuring is usbip.bench's)."""
+or JSON (the measuring is usbip.client.bench's)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import logging
 import ssl
 from typing import Any
 
-from ..bench import run_matrix
+from ..client.bench import run_matrix
 from . import exitcodes
 
 log = logging.getLogger("usbip")

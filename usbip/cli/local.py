@@ -49,7 +49,7 @@ def list_local(
 
 def format_local_list(devices: list[dict[str, object]], parsable: bool = False) -> str:
     """What tools/usb/usbip/src/usbip_list.c (list_devices) prints."""
-    from ..names import usb_ids
+    from ..usb.names import usb_ids
 
     ids = usb_ids()
     lines = []

@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------- list -r
 def format_remote_list(host: str, records: list[Any]) -> str:
     """What tools/usb/usbip/src/usbip_list.c (list_exported_devices) prints."""
-    from ..names import usb_ids
+    from ..usb.names import usb_ids
 
     ids = usb_ids()
     out = ["Exportable USB devices", "======================", f" - {host}"]
@@ -146,7 +146,7 @@ def format_remote_list(host: str, records: list[Any]) -> str:
 
 
 def record_json(r: Any) -> dict[str, Any]:
-    from ..names import usb_ids
+    from ..usb.names import usb_ids
 
     ids = usb_ids()
     d = r.as_dict()

@@ -111,7 +111,7 @@ def port_command(as_json: bool = False) -> int:
 
 def format_ports(ports: list[ImportedPort]) -> str:
     """What usbip_vhci_imported_device_dump (libsrc/vhci_driver.c) prints."""
-    from ..names import usb_ids
+    from ..usb.names import usb_ids
 
     ids = usb_ids()
     lines = ["Imported USB devices", "===================="]

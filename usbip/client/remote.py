@@ -11,7 +11,6 @@ import struct
 from collections.abc import Awaitable, Callable, Generator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..descriptors import endpoints, parse_device_descriptor, urb_interval
 from ..protocol import (
     HEADER_SIZE,
     USBIP_DIR_IN,
@@ -26,6 +25,7 @@ from ..protocol import (
 from ..protocol.constants import DEFAULT_MAX_TRANSFER, ECONNRESET, URB_ISO_ASAP, USBIP_RET_UNLINK
 from ..stream import Stream, TlsSession
 from ..usb.ch9 import DT_CONFIG, DT_DEVICE
+from ..usb.descriptors import endpoints, parse_device_descriptor, urb_interval
 from .errors import BadReply, Disconnected, Overloaded, Timeout, UsbipError, transfer_error
 from .reconnect import Backoff, ReconnectPolicy
 
@@ -343,7 +343,7 @@ class RemoteDevice:
         interval: int | None = None,
     ) -> bytes | int:
         """Interrupt IN returns the bytes read, OUT the number written. ``interval`` defaults to the
-        endpoint descriptor's (usbip.descriptors.urb_interval; the kernel's usbip-host refuses
+        endpoint descriptor's (usbip.usb.descriptors.urb_interval; the kernel's usbip-host refuses
         an interrupt URB with interval 0), 1 when the descriptors were not read."""
         if interval is None:
             interval = self._urb_interval(endpoint)

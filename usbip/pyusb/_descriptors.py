@@ -14,9 +14,9 @@ import re
 import struct
 from typing import Any
 
-from ..descriptors import urb_interval as descriptor_urb_interval
 from ..protocol.constants import Speed
 from ..protocol.records import DeviceRecord
+from ..usb.descriptors import urb_interval as descriptor_urb_interval
 
 DT_DEVICE = 0x01
 DT_CONFIG = 0x02

@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 
-from ..device import Device
 from ..protocol.constants import ST_DEV_BUSY, ST_NODEV, ST_OK
+from ..usb.device import Device
 
 #: Bus number given to virtual devices (real buses are numbered from 1 by Linux).
 VIRTUAL_BUS = 100

@@ -14,7 +14,6 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from ..device import Device
 from ..netio import PeerClosed, PlainChannel, apply_dead_peer_timeout, set_nodelay
 from ..pool import BufferPool
 from ..protocol import Decoder, ProtocolError
@@ -30,6 +29,7 @@ from ..protocol.constants import (
 from ..protocol.records import pack_devlist_reply, pack_import_reply, unpack_import_busid, unpack_op_header
 from ..stream import Stream
 from ..tls import TlsChannel, TlsError
+from ..usb.device import Device
 from .access import AccessPolicy, Client
 from .limits import ServerLimits
 from .metrics import DeviceTotals, Import

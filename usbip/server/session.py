@@ -30,7 +30,6 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ..device import Device
 from ..pool import BufferPool
 from ..protocol import (
     HEADER_SIZE,
@@ -67,6 +66,7 @@ from ..usb.ch9 import (
     XFER_CONTROL,
     XFER_ISOC,
 )
+from ..usb.device import Device
 from .limits import ServerLimits
 
 if TYPE_CHECKING:

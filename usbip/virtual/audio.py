@@ -52,9 +52,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from ..device import Urb
 from ..protocol.constants import EINVAL, EOVERFLOW, XFER_ISOC, Speed
 from ..usb.ch9 import DIR_IN, RECIP_INTERFACE, RECIP_MASK, TYPE_CLASS, TYPE_MASK
+from ..usb.device import Urb
 from .descriptors import Association, configuration, endpoint, instance_serial, interface
 from .framework import VirtualDevice
 

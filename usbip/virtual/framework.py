@@ -37,7 +37,6 @@ import struct
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..device import Device, Urb
 from ..errors import CyusbipError
 from ..protocol.constants import (
     ECONNRESET,
@@ -75,6 +74,7 @@ from ..usb.ch9 import (
     TYPE_MASK,
     TYPE_STANDARD,
 )
+from ..usb.device import Device, Urb
 from .descriptors import (
     Configuration,
     Endpoint,

@@ -35,9 +35,9 @@ import struct
 import time
 from collections import deque
 
-from ..device import Urb
 from ..protocol.constants import XFER_INT, Speed
 from ..usb.ch9 import DIR_IN, RECIP_INTERFACE, TYPE_CLASS
+from ..usb.device import Urb
 from .descriptors import configuration, endpoint, instance_serial, interface
 from .framework import VirtualDevice
 from .waiting import WaitQueue

@@ -29,9 +29,9 @@ from __future__ import annotations
 
 from collections import deque
 
-from ..device import Urb
 from ..protocol.constants import EOVERFLOW, XFER_BULK, XFER_INT, XFER_ISOC, Speed
 from ..usb.ch9 import DIR_IN, TYPE_MASK, TYPE_VENDOR
+from ..usb.device import Urb
 from .descriptors import bulk_max_packet, configuration, endpoint, instance_serial, interface
 from .framework import VirtualDevice
 from .waiting import WaitQueue, complete_in

@@ -19,9 +19,9 @@ import os
 import struct
 import tty
 
-from ..device import Urb
 from ..protocol.constants import XFER_BULK, XFER_INT, Speed
 from ..usb.ch9 import DIR_IN, RECIP_INTERFACE, TYPE_CLASS
+from ..usb.device import Urb
 from .descriptors import bulk_max_packet, configuration, endpoint, instance_serial, interface
 from .framework import VirtualDevice
 from .waiting import WaitQueue

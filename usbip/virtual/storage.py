@@ -32,9 +32,9 @@ import logging
 import os
 import struct
 
-from ..device import Urb
 from ..protocol.constants import EPIPE, XFER_BULK, Speed
 from ..usb.ch9 import DIR_IN, RECIP_INTERFACE, TYPE_CLASS
+from ..usb.device import Urb
 from .descriptors import bulk_max_packet, configuration, endpoint, interface
 from .framework import VirtualDevice
 from .waiting import WaitQueue, complete_in

@@ -1,4 +1,4 @@
-"""Helpers to drive a device directly with :class:`~usbip.device.Urb` objects (tests, tools).
+"""Helpers to drive a device directly with :class:`~usbip.usb.device.Urb` objects (tests, tools).
 
 IN buffers are pre-filled with junk (0xA5) because the server's buffers have
 undefined contents; OUT data is handed over as a read-only memoryview.
@@ -10,8 +10,8 @@ import itertools
 import struct
 from typing import Any
 
-from ..device import Device, Urb
 from ..protocol.constants import USBIP_DIR_IN, USBIP_DIR_OUT
+from ..usb.device import Device, Urb
 
 _seq = itertools.count(1)
 JUNK = 0xA5

@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections import deque
 from typing import TYPE_CHECKING
 
-from ..device import Urb
 from ..protocol.constants import (
     ECONNRESET,
     ENOENT,
@@ -54,6 +53,7 @@ from ..usb.ch9 import (  # noqa: F401
     TYPE_STANDARD,
     TYPE_VENDOR,
 )
+from ..usb.device import Urb
 
 if TYPE_CHECKING:
     from .framework import VirtualDevice

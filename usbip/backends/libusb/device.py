@@ -67,8 +67,6 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from ...descriptors import walk
-from ...device import Device, Urb
 from ...protocol.constants import (
     ECONNRESET,
     EINVAL,
@@ -84,6 +82,8 @@ from ...protocol.constants import (
     XFER_INT,
     XFER_ISOC,
 )
+from ...usb.descriptors import walk
+from ...usb.device import Device, Urb
 from ..usbdev import UsbDevice, split_descriptors
 from ..worker import DaemonWorker
 from .layout import ConfigLayout, Endpoint

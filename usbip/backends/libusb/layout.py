@@ -16,8 +16,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from ...descriptors import DT_ENDPOINT, DT_INTERFACE, walk
 from ...protocol.constants import XFER_ISOC, Speed
+from ...usb.descriptors import DT_ENDPOINT, DT_INTERFACE, walk
 
 DT_SS_ENDPOINT_COMP = 0x30
 DT_SSP_ISOC_ENDPOINT_COMP = 0x31

@@ -13,9 +13,9 @@ from __future__ import annotations
 import abc
 import asyncio
 
-from .protocol import Urb
-from .protocol.constants import Speed
-from .protocol.records import DeviceRecord, InterfaceRecord
+from ..protocol import Urb
+from ..protocol.constants import Speed
+from ..protocol.records import DeviceRecord, InterfaceRecord
 
 
 class Device(abc.ABC):

@@ -4,7 +4,7 @@
   matrix: control GET_DESCRIPTOR latency (1 in flight), then bulk IN and OUT on the
   first bulk endpoints of the configuration descriptor at 512 B / 16 KiB / 64 KiB with
   1 / 8 / 32 URBs in flight. Progress goes to stderr, a table (or JSON) to stdout.
-* ``python3 -m usbip.bench --host H --port P --busid B --mode M ...`` runs one case
+* ``python3 -m usbip.client.bench --host H --port P --busid B --mode M ...`` runs one case
   with the options and the one-line JSON output of ``benchmarks/tools/loadgen``, so
   the end-to-end benchmarks can put our client beside the C load generator.
 
@@ -245,8 +245,8 @@ async def run_matrix(
     """Import ``busid`` from ``host:port`` and run the matrix; returns the JSON document.
 
     With ``capture`` (a :class:`usbip.capture.CaptureFile`) every URB is written to it."""
-    from .client import connect
-    from .protocol import IMPLEMENTATION
+    from ..protocol import IMPLEMENTATION
+    from . import connect
 
     async with connect(host, port, tls=tls, capture=capture) as conn:
         dev = await conn.import_device(busid)
@@ -280,13 +280,13 @@ async def run_matrix(
     }
 
 
-# ---------------------------------------------------------------- python3 -m usbip.bench
+# ---------------------------------------------------------------- python3 -m usbip.client.bench
 async def _one(args: argparse.Namespace) -> CaseResult:
-    from .client import connect
+    from . import connect
 
     tls = None
     if args.tls_ca:
-        from .tls import client_context
+        from ..tls import client_context
 
         tls = client_context(args.tls_ca, args.tls_cert, check_hostname=False)
     async with connect(args.host, args.port, tls=tls) as conn:
@@ -301,7 +301,7 @@ async def _one(args: argparse.Namespace) -> CaseResult:
 
 def main(argv: list[str] | None = None) -> int:
     """One case, loadgen-compatible: one JSON line; exit 0 ok, 1 errors, 2 usage/connect/import failure."""
-    p = argparse.ArgumentParser(prog="python3 -m usbip.bench", description=main.__doc__)
+    p = argparse.ArgumentParser(prog="python3 -m usbip.client.bench", description=main.__doc__)
     p.add_argument("--host", required=True)
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--busid", required=True)
@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         res = asyncio.run(_one(args))
     except Exception as exc:
-        print(f"usbip.bench: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"usbip.client.bench: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(res.loadgen_json(), separators=(",", ":")))
     return 1 if res.errors or not res.urbs else 0

@@ -5,8 +5,8 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator
 
-from .protocol.constants import Speed
-from .usb.ch9 import DT_DEVICE, DT_ENDPOINT, DT_INTERFACE, XFER_ISOC, XFER_MASK
+from ..protocol.constants import Speed
+from .ch9 import DT_DEVICE, DT_ENDPOINT, DT_INTERFACE, XFER_ISOC, XFER_MASK
 
 _DEVICE = struct.Struct("<BBHBBBBHHHBBBB")
 _DEVICE_FIELDS = (
