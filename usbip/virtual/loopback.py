@@ -37,6 +37,9 @@ from .framework import VirtualDevice
 from .waiting import WaitQueue, complete_in
 
 CTRL_BUF_SIZE = 4096  # USB_COMP_EP0_BUFSIZ
+# gadget zero's vendor requests (drivers/usb/gadget/function/f_loopback.c, usbtest's ctrl_out test 14)
+REQ_CONTROL_WRITE = 0x5B
+REQ_CONTROL_READ = 0x5C
 _CACHE = 1 << 20
 _ZEROS = bytes(_CACHE)
 _ZMV = memoryview(_ZEROS)
@@ -311,10 +314,10 @@ class LoopbackDevice(VirtualDevice):
     def control_request(self, urb: Urb, request_type: int, request: int, value: int, index: int, length: int):
         if request_type & TYPE_MASK != TYPE_VENDOR or value or index or length > CTRL_BUF_SIZE:
             return None
-        if request == 0x5B and request_type == TYPE_VENDOR:  # control write
+        if request == REQ_CONTROL_WRITE and request_type == TYPE_VENDOR:
             n = min(length, len(urb.buffer))
             self.ctrl_buf[:n] = memoryview(urb.buffer)[:n]
             return True
-        if request == 0x5C and request_type == (DIR_IN | TYPE_VENDOR):  # control read
+        if request == REQ_CONTROL_READ and request_type == (DIR_IN | TYPE_VENDOR):
             return memoryview(self.ctrl_buf)[:length]
         return None
