@@ -6,9 +6,19 @@ handling them leaves in one scatter-gather ``sendmsg`` (header and payload
 buffers side by side, no joins). asyncio's own transports copy on
 ``writelines`` before Python 3.12 and cannot hand the socket to vhci-hcd, so
 the server and the client share this small pump instead.
+
+This file runs as it is (``usbip.pump``: the fallback when the extension is missing or
+``USBIP_NO_EXTENSIONS=1``), and Cython compiles it, augmented by ``_pump.pxd``, into
+``usbip._pump``; ``usbip.stream`` picks one at import.
 """
 
 from __future__ import annotations
+
+try:
+    import cython
+except ImportError:  # Cython is only needed to build: plain Python sees compiled == False
+    from .protocol import _cython_shim as cython  # type: ignore[no-redef,unused-ignore]
+
 
 import asyncio
 import logging
@@ -21,7 +31,9 @@ from typing import Any, Protocol
 
 from .protocol import ProtocolError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("usbip.stream")  # the public module's name, whichever build runs
+
+IMPLEMENTATION = "cython" if cython.compiled else "python"
 
 
 class TlsSession(Protocol):

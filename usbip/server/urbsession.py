@@ -21,9 +21,20 @@ and OUT payloads of URBs in flight plus replies queued for the socket. A submit
 that would go beyond it waits in a backlog until URBs complete and replies drain;
 an unlink still reaches the URB it names there. When the backlog is full too, the
 session pauses reading the socket (``pause_input``) until it drains.
+
+This file runs as it is (``usbip.server.urbsession``: the fallback when the extension is missing
+or ``USBIP_NO_EXTENSIONS=1``), and Cython compiles it, augmented by ``_urbsession.pxd`` (a C
+class, C attributes, typed locals; the codec's ``Urb`` and ``CmdSubmit`` as C structs), into
+``usbip.server._urbsession``; ``usbip.server.session`` picks one at import.
 """
 
 from __future__ import annotations
+
+try:
+    import cython
+except ImportError:  # Cython is only needed to build: plain Python sees compiled == False
+    from ..protocol import _cython_shim as cython  # type: ignore[no-redef,unused-ignore]
+
 
 import asyncio
 import logging
@@ -72,7 +83,9 @@ from .limits import ServerLimits
 if TYPE_CHECKING:
     from ..capture import UrbCapture
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("usbip.server.session")  # the public module's name, whichever build runs
+
+IMPLEMENTATION = "cython" if cython.compiled else "python"
 
 #: An OUT payload smaller than 1/COPY_RATIO of the decoder buffer it lies in is copied before
 #: it is parked: a small pending URB must not pin a whole receive chunk (256 KiB).
