@@ -16,6 +16,7 @@ from usbip.protocol cimport _codec
 cdef Py_ssize_t HEADER_SIZE, ISO_DESC_SIZE
 cdef uint32_t USBIP_DIR_IN, USBIP_CMD_SUBMIT
 cdef int32_t EBADR, ECONNRESET, EINVAL, ENOENT
+cdef uint32_t _SEQ_MASK, _SEQ_HALF
 cdef int DIR_IN, PORT_FEAT_RESET, RT_PORT, SET_FEATURE, XFER_BULK, XFER_CONTROL, XFER_ISOC
 
 

@@ -124,9 +124,13 @@ def control_check(setup: Any, tbl: int, direction: int) -> int:
     return 0
 
 
+_SEQ_MASK = 0xFFFFFFFF  # C constants in the compiled build (a literal this large would be a Python int)
+_SEQ_HALF = 0x80000000
+
+
 def _seq_after(a: int, b: int) -> bool:
     """Seqnum ``a`` comes after ``b`` (32-bit serial number arithmetic, so wrap-around works)."""
-    return 0 < ((a - b) & 0xFFFFFFFF) < 0x80000000
+    return 0 < ((a - b) & _SEQ_MASK) < _SEQ_HALF
 
 
 class UrbSession:
