@@ -54,4 +54,5 @@ cdef class Stream:
     @cython.locals(out=list, progress=bint, batch=list, sent=Py_ssize_t, pos=Py_ssize_t, size=Py_ssize_t)
     cpdef _send(self)
     cdef _stop(self)
+    cpdef Py_ssize_t queued_bytes(self)
     cpdef close(self, exc=*)

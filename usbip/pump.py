@@ -447,6 +447,10 @@ class Stream:
     def queued(self) -> int:
         return self._out_bytes
 
+    def queued_bytes(self) -> int:
+        """:attr:`queued` as a method: the server session's ``queued`` callback (one call per URB)."""
+        return self._out_bytes
+
     # ------------------------------------------------------------ closing
     def detach(self) -> socket.socket:
         """Stop pumping and give the socket back (e.g. to hand it to vhci-hcd)."""
