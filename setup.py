@@ -5,7 +5,9 @@ the sdist), so building needs Cython (pyproject's build-system requires it), a C
 Python headers. The wheels (scripts/wheel) install without any of these.
 
 ``usbip.protocol._codec`` is compiled from the pure-Python ``usbip/protocol/codec.py``
-(Cython's pure Python mode), which ``usbip/protocol/_codec.pxd`` augments with C types.
+(Cython's pure Python mode), which ``usbip/protocol/_codec.pxd`` augments with C types; the
+URB path around it likewise: ``usbip.server._urbsession`` from ``usbip/server/urbsession.py``
+(+ ``_urbsession.pxd``) and ``usbip._pump`` from ``usbip/pump.py`` (+ ``_pump.pxd``).
 """
 
 import os
@@ -42,6 +44,12 @@ extensions = cythonize(
             "usbip/protocol/codec.py",
             ("usbip/protocol/_codec.pxd", "usbip/protocol/_wire.pxd"),
         ),
+        ext(
+            "usbip.server._urbsession",
+            "usbip/server/urbsession.py",
+            ("usbip/server/_urbsession.pxd", "usbip/protocol/_codec.pxd"),
+        ),
+        ext("usbip._pump", "usbip/pump.py", ("usbip/_pump.pxd",)),
         ext("usbip._buffers", "usbip/_buffers.pyx"),
     ],
     compiler_directives={"language_level": "3", "annotation_typing": False, "warn.unreachable": False},

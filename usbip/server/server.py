@@ -382,7 +382,7 @@ class Server:
             stream.write,
             self.pool,
             limits=limits,
-            queued=lambda: stream.queued,
+            queued=stream.queued_bytes,
             pause_input=pause_input,
             readmit=stream.readmit,
             capture=None if self.capture is None else self.capture.session(device.busnum, device.devnum),

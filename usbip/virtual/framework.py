@@ -159,12 +159,16 @@ class VirtualDevice(Device):
         self._config_descs: list[bytes] = []
         self._other_speed: list[bytes] = []
         self._bos = b""
+        # setup packet -> reply of a standard GET_DESCRIPTOR to the device (truncated to wLength): the
+        # blobs are built once by setup_descriptors, so a repeated request is answered without parsing
+        self._replies: dict[bytes, bytes] = {}
 
     # ------------------------------------------------------------ declaration
     def setup_descriptors(self, configurations: Sequence[Configuration]) -> None:
         """Fix the configurations and build every descriptor blob once."""
         self.configurations = list(configurations)
         self._strings = []
+        self._replies = {}
         speed = self.speed
         i_man = self.string_index(self.manufacturer)
         i_prod = self.string_index(self.product)
@@ -446,6 +450,12 @@ class VirtualDevice(Device):
         complete_in(urb, n)  # short + URB_SHORT_NOT_OK: -EREMOTEIO (usbtest's control cases 10, 13, 14)
 
     def _control(self, urb: Urb) -> None:
+        setup = urb.setup
+        if type(setup) is bytes:
+            cached = self._replies.get(setup)
+            if cached is not None:
+                self.reply(urb, cached)
+                return
         try:
             rt, req, value, index, length = _SETUP.unpack_from(urb.setup)
         except struct.error:
@@ -473,7 +483,10 @@ class VirtualDevice(Device):
         recip = rt & RECIP_MASK
         if req == GET_DESCRIPTOR and rt & DIR_IN:
             if recip == RECIP_DEVICE:
-                return self._get_descriptor(value >> 8, value & 0xFF, index)
+                desc = self._get_descriptor(value >> 8, value & 0xFF, index)
+                if desc is not None and type(urb.setup) is bytes and self._caches_descriptors():
+                    self._replies[urb.setup] = bytes(desc[:length])
+                return desc
             if recip == RECIP_INTERFACE:
                 return self.interface_descriptor(index & 0xFF, value >> 8, value & 0xFF)
             return None
@@ -533,6 +546,11 @@ class VirtualDevice(Device):
         if req in (SET_SEL, SET_ISOCH_DELAY) and recip == RECIP_DEVICE:
             return self.speed >= Speed.SUPER
         return NotImplemented
+
+    def _caches_descriptors(self) -> bool:
+        """Whether GET_DESCRIPTOR replies may be cached: the class answers them the base class's way."""
+        cls = type(self)
+        return cls._standard is VirtualDevice._standard and cls._get_descriptor is VirtualDevice._get_descriptor
 
     def _has_interface(self, number: int) -> bool:
         return self._config is not None and number in self._config.interface_numbers()
