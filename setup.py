@@ -7,7 +7,7 @@ Python headers. The wheels (scripts/wheel) install without any of these.
 ``usbip.protocol._codec`` is compiled from the pure-Python ``usbip/protocol/codec.py``
 (Cython's pure Python mode), which ``usbip/protocol/_codec.pxd`` augments with C types; the
 URB path around it likewise: ``usbip.server._urbsession`` from ``usbip/server/urbsession.py``
-(+ ``_urbsession.pxd``) and ``usbip._pump`` from ``usbip/pump.py`` (+ ``_pump.pxd``).
+(+ ``_urbsession.pxd``) and ``usbip.net._pump`` from ``usbip/net/pump.py`` (+ ``_pump.pxd``).
 """
 
 import os
@@ -49,8 +49,8 @@ extensions = cythonize(
             "usbip/server/urbsession.py",
             ("usbip/server/_urbsession.pxd", "usbip/protocol/_codec.pxd"),
         ),
-        ext("usbip._pump", "usbip/pump.py", ("usbip/_pump.pxd",)),
-        ext("usbip._buffers", "usbip/_buffers.pyx"),
+        ext("usbip.net._pump", "usbip/net/pump.py", ("usbip/net/_pump.pxd",)),
+        ext("usbip.pool._buffers", "usbip/pool/_buffers.pyx"),
     ],
     compiler_directives={"language_level": "3", "annotation_typing": False, "warn.unreachable": False},
     quiet=True,

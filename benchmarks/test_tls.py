@@ -102,7 +102,7 @@ def tsettings(request, e2e_reporter) -> dict[str, float]:
 def session_info(servers: list[ServerProc], ca: str, n: int = HANDSHAKES) -> dict[str, Any]:
     """The TLS session the server negotiates (version, cipher) and the median time of a TCP connect
     plus TLS handshake against that of a plain TCP connect (ms), from this process."""
-    from usbip.tls import client_context
+    from usbip.net.tls import client_context
 
     plain, tls = (next(s for s in servers if s.key == k) for k in (PLAIN, TLS))
     ctx = client_context(ca, check_hostname=False)

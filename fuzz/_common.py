@@ -5,7 +5,7 @@ Import this module first in a target, before anything from ``usbip``:
 * the repository root is appended to ``sys.path`` (after PYTHONPATH), so ``tests`` helpers
   and ``fuzz`` modules import however the target was started;
 * ``USBIP_FUZZ_NATIVE_DIR=DIR`` (set by ``scripts/fuzz --asan``) makes ``usbip.protocol._codec``
-  and ``usbip._buffers`` load from the ``_codec*.so`` / ``_buffers*.so`` in DIR (an
+  and ``usbip.pool._buffers`` load from the ``_codec*.so`` / ``_buffers*.so`` in DIR (an
   AddressSanitizer build) instead of the in-place build, through a finder placed first on
   ``sys.meta_path``; the rest of the package is the work tree's.
 """
@@ -26,7 +26,7 @@ if REPO not in sys.path:
     sys.path.append(REPO)
 
 NATIVE_ENV = "USBIP_FUZZ_NATIVE_DIR"
-NATIVE_MODULES = {"usbip.protocol._codec": "_codec", "usbip._buffers": "_buffers"}
+NATIVE_MODULES = {"usbip.protocol._codec": "_codec", "usbip.pool._buffers": "_buffers"}
 
 
 class _NativeOverride(importlib.abc.MetaPathFinder):

@@ -39,7 +39,7 @@ import atheris
 with atheris.instrument_imports(include=["usbip"]):
     from usbip.client import connection
     from usbip.client.errors import UsbipError
-    from usbip.netio import PeerClosed
+    from usbip.net.netio import PeerClosed
     from usbip.protocol.constants import (
         BUSID_SIZE,
         DEVICE_RECORD_SIZE,

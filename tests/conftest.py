@@ -2,7 +2,7 @@
 
 ``codec`` is parametrized over the pure-Python ``usbip.protocol.codec`` and the compiled
 ``usbip.protocol._codec`` (ids "python" / "cython"); ``pool_impl`` likewise over
-``usbip.buffers`` / ``usbip._buffers``. A compiled twin that cannot be imported makes
+``usbip.pool.buffers`` / ``usbip.pool._buffers``. A compiled twin that cannot be imported makes
 its tests FAIL, unless ``USBIP_NO_EXTENSIONS=1`` is set, in which case they are skipped.
 """
 
@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 NO_EXTENSIONS = os.environ.get("USBIP_NO_EXTENSIONS", "") not in ("", "0")
 
 CODEC_MODULES = {"python": "usbip.protocol.codec", "cython": "usbip.protocol._codec"}
-POOL_MODULES = {"python": "usbip.buffers", "cython": "usbip._buffers"}
+POOL_MODULES = {"python": "usbip.pool.buffers", "cython": "usbip.pool._buffers"}
 
 
 def load_twin(name: str) -> ModuleType:

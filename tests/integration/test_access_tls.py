@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from usbip.net.tls import server_context
 from usbip.protocol import HEADER_SIZE, Decoder, pack_cmd_submit
 from usbip.protocol.constants import OP_REP_DEVLIST, ST_NODEV
 from usbip.protocol.records import pack_import_request, pack_op_header, unpack_devlist_count, unpack_op_header
 from usbip.server import Server
 from usbip.server.access import AccessPolicy, Client, DeviceRule
-from usbip.tls import server_context
 from usbip.virtual import KeyboardDevice, LoopbackDevice
 
 from .helpers import idle, run, wait_until
@@ -224,7 +224,7 @@ def test_server_context_needs_a_key(tmp_path: Path) -> None:
 
 def test_client_library_over_tls(pki: dict[str, str]) -> None:
     from usbip.client import TlsFailed, connect
-    from usbip.tls import client_context
+    from usbip.net.tls import client_context
 
     async def body() -> None:
         ctx = server_context(pki["server"], client_ca=pki["ca"])

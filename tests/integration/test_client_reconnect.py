@@ -180,7 +180,7 @@ def test_no_policy_no_reconnect() -> None:
 
 def test_reconnect_over_tls(tmp_path: Path) -> None:
     trustme = pytest.importorskip("trustme")
-    from usbip.tls import client_context, server_context
+    from usbip.net.tls import client_context, server_context
 
     ca = trustme.CA()
     ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from usbip.mdns import parse_txt, txt_records
+from usbip.net.mdns import parse_txt, txt_records
 
 from .test_dead_peer import SERVER_IP, Namespaces, netns  # noqa: F401  (the netns fixture)
 
@@ -71,7 +71,7 @@ def test_no_mdns_network_is_a_warning_not_a_failure(
 ) -> None:
     import asyncio
 
-    from usbip import mdns
+    from usbip.net import mdns
 
     monkeypatch.setattr(mdns, "_own_addresses", lambda host: [])
 

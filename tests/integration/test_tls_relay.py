@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from usbip.net.tls import TlsChannel, client_context, server_context
 from usbip.protocol import HEADER_SIZE, Decoder, pack_cmd_submit
 from usbip.protocol.records import pack_import_request, unpack_op_header
 from usbip.server import Server
-from usbip.tls import TlsChannel, client_context, server_context
 from usbip.vhci import relay
 from usbip.virtual import LoopbackDevice
 
@@ -125,7 +125,7 @@ def test_relay_closes_vhci_when_the_server_goes(certs: dict[str, str], tmp_path:
 
 def test_vhci_attach_over_tls_with_a_fake_vhci(certs: dict[str, str], tmp_path: Path) -> None:
     """usbip attach's TLS path against a fake vhci sysfs tree whose 'kernel' is this test."""
-    from usbip.tls import client_context
+    from usbip.net.tls import client_context
     from usbip.vhci.driver import VhciDriver
     from usbip.vhci.imports import attach
 

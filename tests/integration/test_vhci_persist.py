@@ -331,7 +331,7 @@ def _zombie(pid: int) -> bool:
 
 def test_tls_import_comes_back_with_a_new_relay(drv: FakeVhci, tmp_path: Path) -> None:
     trustme = pytest.importorskip("trustme")
-    from usbip.tls import client_context, server_context
+    from usbip.net.tls import client_context, server_context
     from usbip.vhci import relay
 
     ca = trustme.CA()

@@ -333,8 +333,8 @@ def test_every_error_cyusbip_raises_has_one_root() -> None:
     from usbip.backends.usbdev import EnumerationError
     from usbip.cli.config import ConfigError
     from usbip.client import BadReply, Disconnected, ImportRefused, Timeout, TlsFailed, TransferError, UsbipError
-    from usbip.netio import PeerClosed
-    from usbip.tls import TlsError
+    from usbip.net.netio import PeerClosed
+    from usbip.net.tls import TlsError
     from usbip.vhci.driver import VhciError
     from usbip.virtual.framework import UsbError
 

@@ -79,7 +79,7 @@ def test_no_extensions_env_selects_pure_without_warning() -> None:
 
 def test_failed_extension_import_falls_back_with_one_warning() -> None:
     # None in sys.modules makes `import usbip.protocol._codec` raise ImportError
-    res = _probe("sys.modules['usbip.protocol._codec'] = None\nsys.modules['usbip._buffers'] = None")
+    res = _probe("sys.modules['usbip.protocol._codec'] = None\nsys.modules['usbip.pool._buffers'] = None")
     assert res["impl"] == "python"
     assert res["pool"] == "python"
     assert res["module"] == "usbip.protocol.codec"

@@ -1,4 +1,4 @@
-"""Socket options of usbip.netio, read back with getsockopt (Linux option numbers: man 7 tcp)."""
+"""Socket options of usbip.net.netio, read back with getsockopt (Linux option numbers: man 7 tcp)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from usbip import netio
+from usbip.net import netio
 from usbip.server.limits import ServerLimits
 
 LINUX = sys.platform.startswith("linux")

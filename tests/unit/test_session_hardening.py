@@ -28,9 +28,9 @@ SECRET = 0xA7
 
 
 def _pools() -> list[Any]:
-    out = [importlib.import_module("usbip.buffers").BufferPool]
+    out = [importlib.import_module("usbip.pool.buffers").BufferPool]
     try:
-        out.append(importlib.import_module("usbip._buffers").BufferPool)
+        out.append(importlib.import_module("usbip.pool._buffers").BufferPool)
     except ImportError:  # pragma: no cover - pure-Python build
         pass
     return out

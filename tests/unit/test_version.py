@@ -13,7 +13,7 @@ import pytest
 import usbip
 from usbip.cli import version
 
-BUILT = all(importlib.util.find_spec(m) is not None for m in ("usbip.protocol._codec", "usbip._buffers"))
+BUILT = all(importlib.util.find_spec(m) is not None for m in ("usbip.protocol._codec", "usbip.pool._buffers"))
 TOOLS = [("usbip", ["--version"]), ("usbipd", ["--version"]), ("usbipd", ["-v"]), ("usbip", ["version"])]
 
 
@@ -46,14 +46,14 @@ def test_pure_build_forced(tool: str, argv: list[str]) -> None:
 
 def test_pure_build_without_extensions() -> None:
     # None in sys.modules makes importing the extensions fail, as in an install that lacks them
-    prelude = "sys.modules['usbip.protocol._codec'] = None\nsys.modules['usbip._buffers'] = None"
+    prelude = "sys.modules['usbip.protocol._codec'] = None\nsys.modules['usbip.pool._buffers'] = None"
     out = _run("usbip", ["--version"], prelude)
     assert out == f"usbip (cyusbip) {usbip.__version__}, pure-Python codec (compiled extensions unavailable)"
 
 
 @pytest.mark.skipif(not BUILT, reason="the Cython extensions are not built")
 def test_mixed_build_names_both_halves() -> None:
-    out = _run("usbipd", ["--version"], "sys.modules['usbip._buffers'] = None")
+    out = _run("usbipd", ["--version"], "sys.modules['usbip.pool._buffers'] = None")
     assert out == f"usbipd (cyusbip) {usbip.__version__}, compiled codec, pure-Python buffer pool"
 
 

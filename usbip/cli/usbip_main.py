@@ -11,8 +11,8 @@ import ssl
 import sys
 from typing import Any
 
+from ..net.tls import client_context
 from ..protocol.constants import USBIP_PORT
-from ..tls import client_context
 from . import exitcodes, sdnotify
 from .capture import add_capture_options
 from .logs import setup_logging
@@ -168,7 +168,7 @@ async def _list_remote(
 
 def _list_discovered(args: argparse.Namespace) -> int:
     try:
-        from ..mdns import discover
+        from ..net.mdns import discover
     except ImportError as exc:  # pragma: no cover - zeroconf is a dependency
         log.error("discovery needs python-zeroconf: %s", exc)
         return exitcodes.FAILURE

@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING
 from ..backends.discovery import MODES
 from ..backends.discovery import resolve as resolve_enumeration
 from ..capture import CaptureFile
+from ..net.tls import server_context
 from ..protocol.constants import USBIP_PORT
 from ..server.access import AccessPolicy
 from ..server.limits import MiB, ServerLimits
-from ..tls import server_context
 from . import config, exitcodes, sdnotify
 from .capture import add_capture_options, capture_from_args
 from .logs import setup_logging
@@ -337,7 +337,7 @@ async def _run_server(args: argparse.Namespace, capture: CaptureFile | None) -> 
         log.info("exporting %s: %s%s", dev.busid, type(dev).__name__, f" ({extra})" if extra else "")
     announcer = None
     if not args.no_announce and not _loopback_only(args.host):
-        from ..mdns import Announcer
+        from ..net.mdns import Announcer
 
         def announced() -> list[tuple[str, int, int]]:
             out = []

@@ -286,7 +286,7 @@ async def _one(args: argparse.Namespace) -> CaseResult:
 
     tls = None
     if args.tls_ca:
-        from ..tls import client_context
+        from ..net.tls import client_context
 
         tls = client_context(args.tls_ca, args.tls_cert, check_hostname=False)
     async with connect(args.host, args.port, tls=tls) as conn:

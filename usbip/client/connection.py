@@ -15,7 +15,8 @@ from collections.abc import Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-from ..netio import DEAD_PEER_TIMEOUT, PlainChannel, apply_dead_peer_timeout, set_nodelay
+from ..net.netio import DEAD_PEER_TIMEOUT, PlainChannel, apply_dead_peer_timeout, set_nodelay
+from ..net.tls import TlsChannel, TlsError
 from ..protocol import ProtocolError
 from ..protocol.constants import (
     DEVICE_RECORD_SIZE,
@@ -36,7 +37,6 @@ from ..protocol.records import (
     unpack_interfaces,
     unpack_op_header,
 )
-from ..tls import TlsChannel, TlsError
 from .errors import BadReply, Disconnected, ImportRefused, Timeout, TlsFailed, UsbipError
 from .reconnect import ReconnectPolicy
 from .remote import RemoteDevice
@@ -117,7 +117,7 @@ Channel = PlainChannel | TlsChannel
 class Connection:
     """A USB/IP server at ``host:port``. Use ``async with usbip.connect(host) as conn``.
 
-    With ``tls`` (a client ``ssl.SSLContext``, see ``usbip.tls.client_context``) every
+    With ``tls`` (a client ``ssl.SSLContext``, see ``usbip.net.tls.client_context``) every
     connection is TLS, checked against ``server_hostname`` (default: ``host``). With ``capture``
     (a :class:`usbip.capture.CaptureFile`, which the caller closes) the URBs of every device
     imported are written to it.

@@ -11,6 +11,7 @@ import struct
 from collections.abc import Awaitable, Callable, Generator, Sequence
 from typing import TYPE_CHECKING, Any
 
+from ..net.stream import Stream, TlsSession
 from ..protocol import (
     HEADER_SIZE,
     USBIP_DIR_IN,
@@ -23,7 +24,6 @@ from ..protocol import (
     pack_cmd_unlink,
 )
 from ..protocol.constants import DEFAULT_MAX_TRANSFER, ECONNRESET, URB_ISO_ASAP, USBIP_RET_UNLINK
-from ..stream import Stream, TlsSession
 from ..usb.ch9 import DT_CONFIG, DT_DEVICE
 from ..usb.descriptors import endpoints, parse_device_descriptor, urb_interval
 from .errors import BadReply, Disconnected, Overloaded, Timeout, UsbipError, transfer_error

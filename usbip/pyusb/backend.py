@@ -320,7 +320,7 @@ class UsbipBackend(usb.backend.IBackend):
       maximum size (as PyUSB's libusb1 backend does) and return the bytes moved.
     * ``reset_device`` is a port reset (SET_FEATURE(PORT_RESET), which the server carries out).
 
-    ``tls``: a client ``ssl.SSLContext`` (``usbip.tls.client_context``) for servers behind TLS;
+    ``tls``: a client ``ssl.SSLContext`` (``usbip.net.tls.client_context``) for servers behind TLS;
     ``timeout``: seconds for each op request (list, import). :meth:`close` (or ``with``) stops
     the backend's thread; it is also closed when collected and at exit.
     """

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import resource
 
-from ..netio import DEAD_PEER_TIMEOUT, keepalive_params
+from ..net.netio import DEAD_PEER_TIMEOUT, keepalive_params
 from ..protocol.constants import DEFAULT_MAX_TRANSFER
 
 MiB = 1024 * 1024

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ..stream import Stream
+    from ..net.stream import Stream
     from .server import Server
     from .session import UrbSession
 

@@ -14,7 +14,9 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from ..netio import PeerClosed, PlainChannel, apply_dead_peer_timeout, set_nodelay
+from ..net.netio import PeerClosed, PlainChannel, apply_dead_peer_timeout, set_nodelay
+from ..net.stream import Stream
+from ..net.tls import TlsChannel, TlsError
 from ..pool import BufferPool
 from ..protocol import Decoder, ProtocolError
 from ..protocol.constants import (
@@ -27,8 +29,6 @@ from ..protocol.constants import (
     OpStatus,
 )
 from ..protocol.records import pack_devlist_reply, pack_import_reply, unpack_import_busid, unpack_op_header
-from ..stream import Stream
-from ..tls import TlsChannel, TlsError
 from ..usb.device import Device
 from .access import AccessPolicy, Client
 from .limits import ServerLimits
@@ -79,7 +79,7 @@ class Server:
     (pass ``port=0`` for an ephemeral one). ``stats()`` counts what is alive.
     ``limits`` bounds what each client may cost (memory, time, descriptors);
     ``access`` says who may connect and use which device; with ``tls`` (a server
-    ``ssl.SSLContext``, see ``usbip.tls.server_context``) every connection is TLS.
+    ``ssl.SSLContext``, see ``usbip.net.tls.server_context``) every connection is TLS.
     With ``capture`` (a :class:`usbip.capture.CaptureFile`, which the caller closes) every URB
     of every import is written to it.
     """

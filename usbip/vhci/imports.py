@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass
 
 from ..client import Connection
 from ..client.connection import Channel
+from ..net.tls import TlsChannel
 from ..protocol import DeviceRecord
-from ..tls import TlsChannel
 from . import persist as persist_mod
 from . import relay
 from .driver import STATUS_TEXT, ImportRecord, VhciDriver, VhciError, VhciPort

@@ -30,7 +30,7 @@ import socket
 import ssl
 import traceback
 
-from ..tls import TlsChannel
+from ..net.tls import TlsChannel
 
 log = logging.getLogger(__name__)
 

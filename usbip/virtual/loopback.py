@@ -47,7 +47,7 @@ _patterns: dict[int, bytes] = {}
 
 _FastBuffer: type | None
 try:  # the compiled pool's buffers zero themselves with memset (10x faster than a copy)
-    from .._buffers import PoolBuffer as _CompiledBuffer
+    from ..pool._buffers import PoolBuffer as _CompiledBuffer
 
     _FastBuffer = _CompiledBuffer
 except ImportError:  # pragma: no cover - depends on the build

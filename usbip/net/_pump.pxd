@@ -1,5 +1,5 @@
 # cython: language_level=3
-"""C declarations that Cython adds to ``pump.py`` when it compiles it as ``usbip._pump``.
+"""C declarations that Cython adds to ``pump.py`` when it compiles it as ``usbip.net._pump``.
 
 Cython's pure Python mode, as for the codec (``usbip/protocol/_codec.pxd``): the logic lives in
 ``pump.py`` only; this file makes :class:`Stream` a C class with C counters and flags and its

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._env import FORCED_PURE, warn_fallback
+from .._env import FORCED_PURE, warn_fallback
 
 if FORCED_PURE:
     from .buffers import IMPLEMENTATION, BufferPool, PoolBuffer

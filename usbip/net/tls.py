@@ -3,7 +3,7 @@
 The plain USB/IP byte stream travels inside a TLS 1.3 stream, exactly as stunnel would carry it,
 so a TLS client of ours talks to a stunnel-wrapped kernel usbipd and the other way round.
 TLS runs sans I/O (``ssl.SSLObject`` over two ``ssl.MemoryBIO``): the op phase reads and writes
-through :class:`TlsChannel`; the URB phase's :class:`~usbip.stream.Stream` keeps the same
+through :class:`TlsChannel`; the URB phase's :class:`~usbip.net.stream.Stream` keeps the same
 ``SSLObject`` and BIOs, so it still reads into the decoder's buffers and sends each batch of
 replies as one write.
 """
@@ -15,7 +15,7 @@ import socket
 import ssl
 from typing import Any
 
-from .errors import CyusbipError
+from ..errors import CyusbipError
 from .netio import PeerClosed
 
 RECV_SIZE = 256 * 1024
@@ -96,7 +96,7 @@ def peer_names(tls: ssl.SSLObject) -> tuple[str, ...]:
 class TlsChannel:
     """A TLS session over a connected non-blocking socket, for the op phase.
 
-    :meth:`recv_exactly` and :meth:`send_all` have the signatures of ``usbip.netio``'s, so
+    :meth:`recv_exactly` and :meth:`send_all` have the signatures of ``usbip.net.netio``'s, so
     the op phase runs unchanged over either. Afterwards ``tls``, ``incoming`` and
     ``outgoing`` go to the URB phase's Stream (bytes already read stay in ``incoming``).
     """

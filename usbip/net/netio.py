@@ -6,7 +6,7 @@ import asyncio
 import math
 import socket
 
-from .errors import CyusbipError
+from ..errors import CyusbipError
 
 
 class PeerClosed(CyusbipError, ConnectionError):
@@ -141,7 +141,7 @@ def apply_dead_peer_timeout(sock: socket.socket, timeout: float) -> None:
 
 
 class PlainChannel:
-    """The op phase over plain TCP (the TLS twin is ``usbip.tls.TlsChannel``)."""
+    """The op phase over plain TCP (the TLS twin is ``usbip.net.tls.TlsChannel``)."""
 
     peer_names: tuple[str, ...] = ()
 

@@ -7,9 +7,9 @@ buffers side by side, no joins). asyncio's own transports copy on
 ``writelines`` before Python 3.12 and cannot hand the socket to vhci-hcd, so
 the server and the client share this small pump instead.
 
-This file runs as it is (``usbip.pump``: the fallback when the extension is missing or
+This file runs as it is (``usbip.net.pump``: the fallback when the extension is missing or
 ``USBIP_NO_EXTENSIONS=1``), and Cython compiles it, augmented by ``_pump.pxd``, into
-``usbip._pump``; ``usbip.stream`` picks one at import.
+``usbip.net._pump``; ``usbip.net.stream`` picks one at import.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 try:
     import cython
 except ImportError:  # Cython is only needed to build: plain Python sees compiled == False
-    from .protocol import _cython_shim as cython  # type: ignore[no-redef,unused-ignore]
+    from ..protocol import _cython_shim as cython  # type: ignore[no-redef,unused-ignore]
 
 
 import asyncio
@@ -29,15 +29,15 @@ import ssl
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from .protocol import ProtocolError
+from ..protocol import ProtocolError
 
-log = logging.getLogger("usbip.stream")  # the public module's name, whichever build runs
+log = logging.getLogger("usbip.net.stream")  # the public module's name, whichever build runs
 
 IMPLEMENTATION = "cython" if cython.compiled else "python"
 
 
 class TlsSession(Protocol):
-    """What the Stream needs of a TLS session set up in the op phase (``usbip.tls.TlsChannel``)."""
+    """What the Stream needs of a TLS session set up in the op phase (``usbip.net.tls.TlsChannel``)."""
 
     tls: ssl.SSLObject
     incoming: ssl.MemoryBIO

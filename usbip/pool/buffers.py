@@ -1,4 +1,4 @@
-"""Pure-Python twin of the URB buffer pool (``usbip._buffers``); same API.
+"""Pure-Python twin of the URB buffer pool (``usbip.pool._buffers``); same API.
 
 Buffers are bytearrays, handed out zeroed; a released buffer is reused only when no view of it is
 alive (a bytearray with exports refuses to resize, which is the test used here).

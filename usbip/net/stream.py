@@ -1,13 +1,13 @@
 """The socket pump of the URB phase (:class:`Stream`): compiled or pure.
 
 The logic lives in ``pump.py``, which runs as it is (the fallback) and which Cython compiles,
-augmented by ``_pump.pxd``, into ``usbip._pump``. The compiled module serves unless it is
+augmented by ``_pump.pxd``, into ``usbip.net._pump``. The compiled module serves unless it is
 missing or ``USBIP_NO_EXTENSIONS=1`` is set.
 """
 
 from __future__ import annotations
 
-from ._env import FORCED_PURE, warn_fallback
+from .._env import FORCED_PURE, warn_fallback
 from .pump import (  # the constants and the TLS protocol are the same in both
     ADMIT_THRESHOLD,
     HANGUP_CHECK_INTERVAL,
