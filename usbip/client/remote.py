@@ -20,10 +20,12 @@ from ..protocol import (
     DeviceRecord,
     IsoPackets,
     ProtocolError,
+    RetSubmit,
+    RetUnlink,
     pack_cmd_submit,
     pack_cmd_unlink,
 )
-from ..protocol.constants import DEFAULT_MAX_TRANSFER, ECONNRESET, URB_ISO_ASAP, USBIP_RET_UNLINK
+from ..protocol.constants import DEFAULT_MAX_TRANSFER, ECONNRESET, URB_ISO_ASAP
 from ..usb.ch9 import DT_CONFIG, DT_DEVICE
 from ..usb.descriptors import endpoints, parse_device_descriptor, urb_interval
 from .errors import BadReply, Disconnected, Overloaded, Timeout, UsbipError, transfer_error
@@ -466,12 +468,12 @@ class RemoteDevice:
         self._pending[urb.seqnum] = urb
         self._stream.close(BadReply(f"{self.busid}: seqnum {urb.seqnum}: {text}"))
 
-    def _on_messages(self, msgs: list[Any]) -> None:
+    def _on_messages(self, msgs: list[RetSubmit | RetUnlink]) -> None:
         capture = self._capture
         for msg in msgs:
             if self.closed:
                 return
-            if msg.command == USBIP_RET_UNLINK:
+            if isinstance(msg, RetUnlink):
                 self._on_ret_unlink(msg)
                 continue
             urb = self._pending.pop(msg.seqnum, None)
@@ -485,7 +487,7 @@ class RemoteDevice:
             if not urb.future.done():
                 urb.future.set_result(res)
 
-    def _on_ret_unlink(self, msg: Any) -> None:
+    def _on_ret_unlink(self, msg: RetUnlink) -> None:
         target_seq = self._unlinks.pop(msg.seqnum, None)
         if target_seq is None:
             # vhci ignores these too (vhci_recv_ret_unlink); say so once, not once per message
@@ -502,7 +504,7 @@ class RemoteDevice:
             if not target.future.done():
                 target.future.set_result(UrbResult(msg.status or ECONNRESET, 0, None, target.iso))
 
-    def _result(self, urb: PendingUrb, msg: Any) -> UrbResult | None:
+    def _result(self, urb: PendingUrb, msg: RetSubmit) -> UrbResult | None:
         """The result of ``urb`` from its RET_SUBMIT, or None after a violation dropped the connection.
 
         The decoder already bounded actual_length by the IN buffer length, number_of_packets by
@@ -511,7 +513,7 @@ class RemoteDevice:
         (same count; only actual_length and status are taken from the server).
         """
         al = msg.actual_length
-        data = msg.data
+        data: memoryview | bytes | bytearray | None = msg.data
         if urb.direction != USBIP_DIR_IN and al > urb.length:
             self._violation(urb, f"actual_length {al} > the {urb.length} bytes sent")
             return None
@@ -537,7 +539,7 @@ class RemoteDevice:
         iso = IsoPackets.from_list(packets)
         if urb.direction == USBIP_DIR_IN:
             buf = bytearray(urb.length)
-            if al:
+            if al and data is not None:
                 buf[:al] = data
             try:
                 iso.spread(buf, al)
