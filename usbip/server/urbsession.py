@@ -93,6 +93,8 @@ IMPLEMENTATION = "cython" if cython.compiled else "python"
 #: An OUT payload smaller than 1/COPY_RATIO of the decoder buffer it lies in is copied before
 #: it is parked: a small pending URB must not pin a whole receive chunk (256 KiB).
 COPY_RATIO = 4
+MAX_ENDPOINT = 15  # endpoint numbers are 4 bits (USB 2.0 9.6.6 bEndpointAddress)
+_NO_ENDPOINT = (None, 0)
 _CHANGES_ENDPOINTS = (SET_CONFIGURATION, SET_INTERFACE)
 _CHANGES_ENDPOINTS_TYPES = (TYPE_STANDARD | RECIP_DEVICE, TYPE_STANDARD | RECIP_INTERFACE)  # OUT
 MSG_OVERHEAD = 64  # bytes counted per backlogged message besides its payload
@@ -260,11 +262,16 @@ class UrbSession:
 
     def _endpoint(self, ep: int, direction: int) -> tuple[int | None, int]:
         """(transfer type or None, allowed flag mask) of an endpoint, cached per configuration."""
+        if ep > MAX_ENDPOINT or direction > 1:
+            # stub_rx.c get_pipe: an endpoint number above 15 is refused. Checked before the key is
+            # built: with 32-bit ep and direction (the compiled build) ``ep << 1 | direction`` wraps,
+            # and 0x80000001 would alias endpoint 1 (found by fuzz_session)
+            return _NO_ENDPOINT
         key = ep << 1 | direction
         try:
             return self._ep_cache[key]
         except KeyError:
-            xfer = XFER_CONTROL if ep == 0 else self.device.endpoint_type(ep, direction) if ep < 16 else None
+            xfer = XFER_CONTROL if ep == 0 else self.device.endpoint_type(ep, direction)
             info = self._ep_cache[key] = (xfer, 0 if xfer is None else allowed_flags(xfer, direction == USBIP_DIR_IN))
             return info
 
