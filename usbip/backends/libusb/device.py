@@ -100,7 +100,15 @@ from .mapping import (
     status_to_errno,
 )
 from .opening import close_handle, open_handle
-from .transfers import FLAG_SHORT_NOT_OK, FLAG_ZERO_PACKET, SETUP_BUFFER, TransferPool, point_at, transfer_key
+from .transfers import (
+    FLAG_SHORT_NOT_OK,
+    FLAG_ZERO_PACKET,
+    SETUP_BUFFER,
+    TransferPool,
+    point_at,
+    transfer_key,
+    transfer_result,
+)
 
 log = logging.getLogger(__name__)
 #: how long close() lets cancelled transfers come back before it closes the handle
@@ -164,6 +172,10 @@ class LibusbDevice(Device):
         self._cancel_later: dict[int, Urb] = {}  # unlinked while _busy runs: cancelled when it returns
         self._drained: asyncio.Event | None = None  # close() waits on it for its cancelled transfers
         self.gone: asyncio.Event | None = None  # set when the device disappears (the server ends the session)
+        #: the transfers' completion callback: _finish itself when libusb's events are handled in
+        #: the loop thread (pollfds), else _on_transfer (hops to the loop)
+        in_loop = getattr(events, "mode", "") == "pollfd"
+        self._callback: Callable[[Any], None] = self._finish if in_loop else self._on_transfer
 
     # ------------------------------------------------------------ identity
     @property
@@ -545,9 +557,9 @@ class LibusbDevice(Device):
             transfer.usbip_key = key  # what stays when it is reused
             try:
                 if xfer == XFER_INT:
-                    transfer.setInterrupt(address, SETUP_BUFFER, self._on_transfer)
+                    transfer.setInterrupt(address, SETUP_BUFFER, self._callback)
                 else:
-                    transfer.setBulk(address, SETUP_BUFFER, self._on_transfer)
+                    transfer.setBulk(address, SETUP_BUFFER, self._callback)
             except BaseException:
                 with contextlib.suppress(Exception):
                     transfer.close()
@@ -642,10 +654,10 @@ class LibusbDevice(Device):
                 if is_in:
                     # at most what libusb takes: a larger wLength asks for "up to" that many bytes,
                     # which the device answers with a short read whenever it has less
-                    transfer.setControl(bm, req, value, index, min(n, MAX_CONTROL_DATA), self._on_transfer, urb)
+                    transfer.setControl(bm, req, value, index, min(n, MAX_CONTROL_DATA), self._callback, urb)
                 else:
                     data = bytes(memoryview(urb.buffer)[:n]) if n else b""
-                    transfer.setControl(bm, req, value, index, data, self._on_transfer, urb)
+                    transfer.setControl(bm, req, value, index, data, self._callback, urb)
             except BaseException:
                 self._put_back(transfer)
                 raise
@@ -854,7 +866,7 @@ class LibusbDevice(Device):
             # set up on a scratch buffer of the right length (python-libusb1 checks the packets
             # against it), then pointed at the URB's (or the bounce) buffer: see point_at
             transfer.setIsochronous(
-                address, plan.total, self._on_transfer, (urb, plan, bounce), iso_transfer_length_list=plan.setup_lengths
+                address, plan.total, self._callback, (urb, plan, bounce), iso_transfer_length_list=plan.setup_lengths
             )
             point_at(transfer, buf, plan.total)
             if plan.zero:
@@ -866,7 +878,8 @@ class LibusbDevice(Device):
 
     # ------------------------------------------------------------ completion
     def _on_transfer(self, transfer: Any) -> None:
-        """python-libusb1 callback (loop thread with pollfds, event thread otherwise)."""
+        """python-libusb1 callback (event thread): completes in the loop thread. With pollfds the
+        callback runs in the loop thread already and is :meth:`_finish` itself (``_callback``)."""
         self.events.dispatch(self._finish, transfer)
 
     def _finish(self, transfer: Any) -> None:
@@ -882,7 +895,7 @@ class LibusbDevice(Device):
         if self._drained is not None and not self._live_transfers():
             self._drained.set()
         try:
-            status = transfer.getStatus()
+            status, actual = transfer_result(transfer)
             if urb.iso is not None and plan is not None:
                 results = [(p["status"], p["actual_length"]) for p in transfer.getISOSetupList()]
                 if bounce is not None and urb.direction == USBIP_DIR_IN:
@@ -895,7 +908,6 @@ class LibusbDevice(Device):
                 if status == TRANSFER_CANCELLED and not urb.cancelled:
                     err = ESHUTDOWN
             else:
-                actual = transfer.getActualLength()
                 if urb.ep == 0 and urb.direction == USBIP_DIR_IN and actual:
                     actual = min(actual, urb.transfer_buffer_length)
                     memoryview(urb.buffer)[:actual] = transfer.getBuffer()[:actual]

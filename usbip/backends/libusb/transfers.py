@@ -76,6 +76,16 @@ def point_at(transfer: Any, buf: Any, n: int) -> None:
     c.length = n
 
 
+def transfer_result(transfer: Any) -> tuple[int, int]:
+    """(libusb status, actual_length) of a transfer libusb gave back: one read of the C struct
+    (python-libusb1's getStatus and getActualLength each build a ctypes view of it)."""
+    try:
+        c = transfer._USBTransfer__transfer.contents
+    except AttributeError:  # the unit tests' fakes
+        return transfer.getStatus(), transfer.getActualLength()
+    return c.status, c.actual_length
+
+
 def unpin(transfer: Any) -> None:
     """Drop the transfer's references to the last URB and its buffer (never submitted meanwhile)."""
     transfer.setUserData(None)
