@@ -599,3 +599,23 @@ def test_point_at_pins_the_urb_buffer_only_while_libusb_has_it():
         t.close()
     finally:
         ctx.close()
+
+
+def test_setup_control_reuses_the_transfers_own_buffer():
+    usb1 = pytest.importorskip("usb1")
+    ctx = usb1.USBContext()
+    ctx.open()
+    try:
+        fin = usb1._LibUSB1Finalizer()
+        t = usb1.USBTransfer(ctx, None, 0, lambda t: None, lambda t: None, fin._getFinalizer, False, False)
+        tp.setup_control(t, 0x80, 6, 0x0100, 0, 18, None)
+        buf = t.usbip_ctrl
+        c = t._USBTransfer__transfer.contents
+        assert c.type == usb1.TRANSFER_TYPE_CONTROL and c.endpoint == 0 and c.length == 8 + 18
+        assert bytes(buf[:8]) == bytes.fromhex("8006000100001200") and c.buffer == t.usbip_ctrl_address
+        tp.setup_control(t, 0x40, 1, 2, 3, memoryview(b"abcd"), None)
+        assert t.usbip_ctrl is buf and c.length == 12 and bytes(buf[:12]) == bytes.fromhex("4001020003000400") + b"abcd"
+        assert bytes(tp.control_data(t)[:4]) == b"abcd"
+        t.close()
+    finally:
+        ctx.close()

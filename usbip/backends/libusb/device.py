@@ -103,9 +103,12 @@ from .opening import close_handle, open_handle
 from .transfers import (
     FLAG_SHORT_NOT_OK,
     FLAG_ZERO_PACKET,
+    MAX_CONTROL_DATA,
     SETUP_BUFFER,
     TransferPool,
+    control_data,
     point_at,
+    setup_control,
     transfer_key,
     transfer_result,
 )
@@ -115,8 +118,6 @@ log = logging.getLogger(__name__)
 DRAIN_TIMEOUT = 2.0
 #: how long close() waits for a libusb call running in the worker (and for giving the interfaces back)
 CLOSE_TIMEOUT = 30.0
-#: libusb on Linux refuses control transfers with more data (os/linux_usbfs.h MAX_CTRL_BUFFER_LENGTH)
-MAX_CONTROL_DATA = 4096
 #: per-URB debug records (submit / completion) when set AND the logger is at DEBUG; otherwise a
 #: single false test per URB: no arguments formatted, no record made
 _DEBUG = bool(os.environ.get("USBIP_LIBUSB_DEBUG"))
@@ -654,10 +655,11 @@ class LibusbDevice(Device):
                 if is_in:
                     # at most what libusb takes: a larger wLength asks for "up to" that many bytes,
                     # which the device answers with a short read whenever it has less
-                    transfer.setControl(bm, req, value, index, min(n, MAX_CONTROL_DATA), self._callback, urb)
+                    setup_control(transfer, bm, req, value, index, min(n, MAX_CONTROL_DATA), self._callback)
                 else:
-                    data = bytes(memoryview(urb.buffer)[:n]) if n else b""
-                    transfer.setControl(bm, req, value, index, data, self._callback, urb)
+                    data = memoryview(urb.buffer)[:n] if n else b""
+                    setup_control(transfer, bm, req, value, index, data, self._callback)
+                transfer.setUserData(urb)
             except BaseException:
                 self._put_back(transfer)
                 raise
@@ -910,7 +912,7 @@ class LibusbDevice(Device):
             else:
                 if urb.ep == 0 and urb.direction == USBIP_DIR_IN and actual:
                     actual = min(actual, urb.transfer_buffer_length)
-                    memoryview(urb.buffer)[:actual] = transfer.getBuffer()[:actual]
+                    memoryview(urb.buffer)[:actual] = control_data(transfer)[:actual]
                 err = status_to_errno(status)
                 if status == TRANSFER_CANCELLED and not urb.cancelled:
                     err = ESHUTDOWN  # cancelled because the device went away, not by an unlink

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import struct
 from typing import Any
 
 #: transfers kept per key, and over all keys of one device
@@ -74,6 +75,47 @@ def point_at(transfer: Any, buf: Any, n: int) -> None:
         c.buffer = _EMPTY_ADDRESS
         transfer.usbip_view = None
     c.length = n
+
+
+#: libusb on Linux refuses control transfers with more data (os/linux_usbfs.h MAX_CTRL_BUFFER_LENGTH)
+MAX_CONTROL_DATA = 4096
+CONTROL_SETUP_SIZE = 8
+_SETUP = struct.Struct("<BBHHH")
+
+
+def setup_control(transfer: Any, bm: int, req: int, value: int, index: int, data: Any, callback: Any) -> None:
+    """Set a control transfer up for one request: ``data`` is the OUT data, or (an int) how many
+    bytes to read. A transfer keeps a setup + data buffer of its own (``usbip_ctrl``, made when it
+    is first set up): the setup packet is packed and OUT data copied into it, the C struct's length
+    set; python-libusb1's ``setControl`` (a new buffer and a ``ctypes.cast`` cycle per request) runs
+    once per transfer, for the type, endpoint and callback."""
+    try:
+        raw = transfer._USBTransfer__transfer
+    except AttributeError:  # the unit tests' fakes
+        transfer.setControl(bm, req, value, index, data, callback)
+        return
+    buf = getattr(transfer, "usbip_ctrl", None)
+    if buf is None:
+        transfer.setControl(bm, req, value, index, 0, callback)
+        buf = transfer.usbip_ctrl = bytearray(CONTROL_SETUP_SIZE + MAX_CONTROL_DATA)
+        transfer.usbip_ctrl_address = _addressof(_c_char.from_buffer(buf))  # pinned for the transfer's life
+    if isinstance(data, int):
+        n = data
+    else:
+        n = len(data)
+        buf[CONTROL_SETUP_SIZE : CONTROL_SETUP_SIZE + n] = data
+    _SETUP.pack_into(buf, 0, bm, req, value, index, n)
+    c = raw.contents
+    c.buffer = transfer.usbip_ctrl_address
+    c.length = CONTROL_SETUP_SIZE + n
+
+
+def control_data(transfer: Any) -> Any:
+    """The data stage of a control transfer that came back (after the setup packet)."""
+    buf = getattr(transfer, "usbip_ctrl", None)
+    if buf is None:
+        return transfer.getBuffer()
+    return memoryview(buf)[CONTROL_SETUP_SIZE:]
 
 
 def transfer_result(transfer: Any) -> tuple[int, int]:
