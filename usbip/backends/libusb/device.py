@@ -82,7 +82,16 @@ from ...protocol.constants import (
     XFER_INT,
     XFER_ISOC,
 )
-from ...usb.ch9 import DIR_IN, SETUP_STRUCT, XFER_CONTROL
+from ...usb.ch9 import (
+    DIR_IN,
+    RECIP_ENDPOINT,
+    RECIP_INTERFACE,
+    RECIP_MASK,
+    SETUP_STRUCT,
+    TYPE_MASK,
+    TYPE_STANDARD,
+    XFER_CONTROL,
+)
 from ..usbdev import UsbDevice, split_descriptors
 from ..worker import DaemonWorker
 from .control import RESET_REQUEST, Special, SpecialRequest, classify_control, control_refusal, interface_numbers
@@ -626,8 +635,10 @@ class LibusbDevice(Device):
 
     # ------------------------------------------------------------ control
     def _submit_control(self, urb: Urb, is_in: bool) -> None:
-        setup = bytes(urb.setup)
-        special = classify_control(setup)
+        setup = urb.setup
+        bm, req, value, index, length = SETUP_STRUCT.unpack_from(setup, 0)
+        # the special requests are standard OUT requests; the rest (GET_DESCRIPTOR, ...) skip the checks
+        special = classify_control(setup) if bm & (DIR_IN | TYPE_MASK) == TYPE_STANDARD else None
         if special is not None and special.kind is Special.CLEAR_HALT and special.target & 0x0F == 0:
             special = None  # CLEAR_FEATURE(ENDPOINT_HALT) of ep0: an ordinary request (usbfs lets it through)
         if special is not None:
@@ -639,12 +650,14 @@ class LibusbDevice(Device):
             self._cancel_for(special)
             self._run_blocking(self._special, special, urb)
             return
-        refused = control_refusal(setup, self._claimed, self._layout(), EPIPE)
-        if refused:
-            log.info("%s: control request %s names an interface we do not hold: %d", self.busid, setup.hex(), refused)
-            urb.complete(refused, 0)
-            return
-        bm, req, value, index, length = SETUP_STRUCT.unpack_from(setup, 0)
+        # only requests to an interface or an endpoint can name one we do not hold
+        if bm & RECIP_MASK in (RECIP_INTERFACE, RECIP_ENDPOINT):
+            refused = control_refusal(setup, self._claimed, self._layout(), EPIPE)
+            if refused:
+                why = "names an interface we do not hold"
+                log.info("%s: control request %s %s: %d", self.busid, bytes(setup).hex(), why, refused)
+                urb.complete(refused, 0)
+                return
         n = min(length, urb.transfer_buffer_length)
         if not is_in and n > MAX_CONTROL_DATA:
             urb.complete(EMSGSIZE, 0)  # libusb cannot send it (usb_submit_urb: too large for the host)
