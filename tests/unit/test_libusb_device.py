@@ -619,3 +619,22 @@ def test_setup_control_reuses_the_transfers_own_buffer():
         t.close()
     finally:
         ctx.close()
+
+
+def test_pollfd_events_complete_without_a_hop():
+    """With libusb's pollfds on the loop, python-libusb1 calls the completion itself (no dispatch)."""
+
+    class PollFd(Events):
+        mode = "pollfd"
+
+        def dispatch(self, fn, *args):  # pragma: no cover - must not be used
+            raise AssertionError("dispatched")
+
+    dev = make_device()
+    dev2 = LibusbDevice(dev.sysdev, context=None, events=PollFd())
+    assert dev2._callback == dev2._finish and dev._callback == dev._on_transfer
+    dev2.handle, dev2._transfers, dev2._claimed, dev2.gone = FakeHandle(), TransferPool(), [0], asyncio.Event()
+    u, done = urb(1, 1, USBIP_DIR_IN, 8, bytearray(8))
+    dev2.submit(u)
+    dev2.handle.transfers[-1].finish(m.TRANSFER_COMPLETED, 8)
+    assert done == [u] and u.actual_length == 8
