@@ -341,6 +341,10 @@ class Guest:
             "TERM": "dumb",
             "PYTHONDONTWRITEBYTECODE": "1",
         }
+        if os.environ.get("PYTHONPATH"):
+            # the guest imports what the host does (a worktree run with PYTHONPATH, while the venv's
+            # editable install points at another checkout; the guest's commands run from /)
+            env["PYTHONPATH"] = os.environ["PYTHONPATH"]
         config = {
             "env": env,
             "port": AGENT_PORT_NAME,

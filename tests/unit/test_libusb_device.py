@@ -10,7 +10,9 @@ import os
 import pytest
 
 from usbip.backends.libusb import mapping as m
+from usbip.backends.libusb import transfers as tp
 from usbip.backends.libusb.device import LibusbDevice
+from usbip.backends.libusb.transfers import TransferPool
 from usbip.backends.usbdev import UsbDevice
 from usbip.pool import BufferPool
 from usbip.protocol import IsoPackets
@@ -35,6 +37,7 @@ class FakeTransfer:
         self.short_is_error = short_is_error
         self.add_zero_packet = add_zero_packet
         self.kind = None
+        self.usbip_view = None
         self.closed = False
         self.submitted = False
         self.cancelled = False
@@ -42,15 +45,33 @@ class FakeTransfer:
         self.actual = 0
         self.iso_results = []
 
+    # the device's name for the ctypes view it holds while libusb owns the buffer (transfers.point_at)
+    @property
+    def cbuf(self):
+        return self.usbip_view
+
+    @property
+    def view(self):
+        return self._USBTransfer__transfer_py_buffer
+
     def _set(self, kind, endpoint, buf, cb, ud):
         self.kind, self.endpoint, self.cb, self.ud = kind, endpoint, cb, ud
+        self.setBuffer(buf)
+
+    def setBuffer(self, buf):
+        assert not self.submitted and not self.closed
+        if isinstance(buf, int):
+            buf = bytearray(buf)
         # python-libusb1 wraps writable buffers in place, copies read-only ones
         try:
-            self.cbuf = (ctypes.c_char * len(buf)).from_buffer(buf)
-            self.view = memoryview(buf)
+            self.usbip_view = (ctypes.c_char * len(buf)).from_buffer(buf)
+            self._USBTransfer__transfer_py_buffer = memoryview(buf)
         except TypeError:
-            self.view = memoryview(bytearray(buf))
-            self.cbuf = None
+            self._USBTransfer__transfer_py_buffer = memoryview(bytearray(buf))
+            self.usbip_view = None
+
+    def setUserData(self, ud):
+        self.ud = ud
 
     def setBulk(self, endpoint, buf, callback=None, user_data=None, timeout=0):
         self._set("bulk", endpoint, buf, callback, user_data)
@@ -65,9 +86,10 @@ class FakeTransfer:
     def setControl(self, bm, req, value, index, buf_or_len, callback=None, user_data=None, timeout=0):
         self.kind, self.cb, self.ud = "control", callback, user_data
         self.setup = (bm, req, value, index)
-        self.view = memoryview(bytearray(buf_or_len))
+        self._USBTransfer__transfer_py_buffer = memoryview(bytearray(buf_or_len))
 
     def submit(self):
+        assert not self.submitted and not self.closed
         self.submitted = True
         self.owner.transfers.append(self)
 
@@ -77,8 +99,8 @@ class FakeTransfer:
 
     def close(self):
         # like python-libusb1: the ctypes view of the caller's buffer goes away with the transfer
-        self.cbuf = None
-        self.view = None
+        self.usbip_view = None
+        self._USBTransfer__transfer_py_buffer = None
         self.closed = True
 
     def getUserData(self):
@@ -147,6 +169,7 @@ def make_device():
     )
     dev = LibusbDevice(sysdev, context=None, events=Events())
     dev.handle = FakeHandle()
+    dev._transfers = TransferPool()  # as open() makes it
     dev._claimed = [0]  # as open() leaves it: interface 0 claimed
     dev.gone = asyncio.Event()
     return dev
@@ -177,7 +200,8 @@ def test_bulk_in_zero_copy_short_read_and_flags():
     assert t.cbuf is not None  # wrapped in place: no copy
     t.finish(m.TRANSFER_COMPLETED, 10, b"0123456789")
     assert done == [u] and u.status == 0 and u.actual_length == 10 and bytes(memoryview(buf)[:10]) == b"0123456789"
-    assert t.closed
+    # kept for the next URB on 0x81 with the same flags, without its view of the pooled buffer
+    assert not t.closed and t.cbuf is None and t.ud is None
     pool.release(buf)
     assert pool.outstanding == 0
 
@@ -466,3 +490,151 @@ def test_close_handle_closes_a_libusb_open_handle_and_its_device(monkeypatch):
     close_handle(handle, wrapped=False)
     assert [c[0] for c in calls] == ["close", "unref"]  # the handle, then the device's reference
     assert not handle.close.alive and not device.close.alive
+
+
+def test_transfers_are_reused_per_endpoint_and_flags():
+    dev = make_device()
+    pool = dev._transfers
+    u1, _ = urb(1, 1, USBIP_DIR_IN, 512, bytearray(512))
+    u2, _ = urb(2, 1, USBIP_DIR_IN, 512, bytearray(512))
+    dev.submit(u1)
+    dev.submit(u2)
+    t1, t2 = dev.handle.transfers
+    assert t1 is not t2  # both in flight: two transfers
+    t1.finish(m.TRANSFER_COMPLETED, 512)
+    t2.finish(m.TRANSFER_COMPLETED, 512)
+    assert pool.count == 2
+    buf = bytearray(512)
+    u3, done = urb(3, 1, USBIP_DIR_IN, 512, buf)
+    dev.submit(u3)
+    t3 = dev.handle.transfers[-1]
+    assert t3 in (t1, t2) and pool.reused == 1 and t3.ud is u3 and t3.cbuf is not None  # the new buffer, in place
+    t3.finish(m.TRANSFER_COMPLETED, 3, b"abc")
+    assert done == [u3] and bytes(buf[:3]) == b"abc"
+    # other flags (SHORT_NOT_OK), another endpoint (OUT), control: transfers of their own
+    u4, _ = urb(4, 1, USBIP_DIR_IN, 512, bytearray(512), transfer_flags=URB_SHORT_NOT_OK)
+    dev.submit(u4)
+    t4 = dev.handle.transfers[-1]
+    assert t4 not in (t1, t2) and t4.short_is_error
+    u5, _ = urb(5, 1, USBIP_DIR_OUT, 8, bytearray(8))
+    dev.submit(u5)
+    assert dev.handle.transfers[-1] not in (t1, t2, t4)
+    assert pool.count == 2  # t1 and t2 (t3 is one of them) still kept
+
+
+def test_kept_transfers_are_freed_with_the_handle():
+    dev = make_device()
+    h = dev.handle
+    u, _ = urb(1, 1, USBIP_DIR_IN, 64, bytearray(64))
+    v, _ = urb(2, 1, USBIP_DIR_IN, 64, bytearray(64))
+    dev.submit(u)
+    dev.submit(v)
+    t, w = h.transfers
+    t.finish(m.TRANSFER_COMPLETED, 0)
+    assert not t.closed
+    dev._close_handle()
+    assert t.closed and dev._transfers is None
+    w.finish(m.TRANSFER_CANCELLED, 0)  # one still in flight at close: closed as it comes back
+    assert w.closed
+
+
+def test_transfer_pool_bounds():
+    pool = TransferPool()
+
+    class T:
+        closed = False
+
+        def setUserData(self, _ud):
+            pass
+
+        def close(self):
+            self.closed = True
+
+    kept = [T() for _ in range(tp.PER_KEY + 1)]
+    for t in kept:
+        pool.put(1, t)
+    assert pool.count == tp.PER_KEY and kept[-1].closed  # per key
+    for key in range(2, 2 + tp.TOTAL):
+        pool.put(key, T())
+    assert pool.count == tp.TOTAL  # over all keys
+    extra = T()
+    pool.put(10_000, extra)
+    assert extra.closed
+    assert pool.get(1) is kept[tp.PER_KEY - 1] and pool.get(99_999) is None
+    pool.close()
+    assert all(t.closed for t in kept[: tp.PER_KEY - 1]) and pool.count == 0
+    late = T()
+    pool.put(1, late)
+    assert late.closed
+
+
+def test_point_at_pins_the_urb_buffer_only_while_libusb_has_it():
+    """python-libusb1's own setBuffer/setBulk leave the buffer's export alive until the GC runs (a
+    ctypes.cast reference cycle): the session's pool could never reuse an IN buffer."""
+    usb1 = pytest.importorskip("usb1")
+    import gc
+
+    ctx = usb1.USBContext()
+    ctx.open()
+    try:
+        fin = usb1._LibUSB1Finalizer()
+        t = usb1.USBTransfer(ctx, None, 0, lambda t: None, lambda t: None, fin._getFinalizer, False, False)
+        t.setBulk(0x81, tp.SETUP_BUFFER)
+        pool = BufferPool()
+        gc.disable()
+        try:
+            buf = pool.acquire(512)
+            tp.point_at(t, buf, 500)
+            raw = t._USBTransfer__transfer.contents
+            assert raw.length == 500 and raw.buffer == ctypes.addressof(ctypes.c_char.from_buffer(buf))
+            tp.unpin(t)
+            pool.release(buf)
+            assert pool.acquire(512) is buf  # reused: no export left
+            tp.point_at(t, b"read-only", 4)  # copied
+            assert t._USBTransfer__transfer.contents.length == 4
+            tp.point_at(t, bytearray(), 0)
+            assert t._USBTransfer__transfer.contents.length == 0
+        finally:
+            gc.enable()
+        t.close()
+    finally:
+        ctx.close()
+
+
+def test_setup_control_reuses_the_transfers_own_buffer():
+    usb1 = pytest.importorskip("usb1")
+    ctx = usb1.USBContext()
+    ctx.open()
+    try:
+        fin = usb1._LibUSB1Finalizer()
+        t = usb1.USBTransfer(ctx, None, 0, lambda t: None, lambda t: None, fin._getFinalizer, False, False)
+        tp.setup_control(t, 0x80, 6, 0x0100, 0, 18, None)
+        buf = t.usbip_ctrl
+        c = t._USBTransfer__transfer.contents
+        assert c.type == usb1.TRANSFER_TYPE_CONTROL and c.endpoint == 0 and c.length == 8 + 18
+        assert bytes(buf[:8]) == bytes.fromhex("8006000100001200") and c.buffer == t.usbip_ctrl_address
+        tp.setup_control(t, 0x40, 1, 2, 3, memoryview(b"abcd"), None)
+        assert t.usbip_ctrl is buf and c.length == 12 and bytes(buf[:12]) == bytes.fromhex("4001020003000400") + b"abcd"
+        assert bytes(tp.control_data(t)[:4]) == b"abcd"
+        t.close()
+    finally:
+        ctx.close()
+
+
+def test_pollfd_events_complete_without_a_hop():
+    """With libusb's pollfds on the loop, python-libusb1 calls the completion itself (no dispatch)."""
+
+    class PollFd(Events):
+        mode = "pollfd"
+
+        def dispatch(self, fn, *args):  # pragma: no cover - must not be used
+            raise AssertionError("dispatched")
+
+    dev = make_device()
+    dev2 = LibusbDevice(dev.sysdev, context=None, events=PollFd())
+    assert dev2._callback == dev2._finish and dev._callback == dev._on_transfer
+    dev2.handle, dev2._transfers, dev2._claimed, dev2.gone = FakeHandle(), TransferPool(), [0], asyncio.Event()
+    u, done = urb(1, 1, USBIP_DIR_IN, 8, bytearray(8))
+    dev2.submit(u)
+    dev2.handle.transfers[-1].finish(m.TRANSFER_COMPLETED, 8)
+    assert done == [u] and u.actual_length == 8

@@ -7,7 +7,7 @@ import errno
 import pytest
 
 from usbip.backends.libusb import mapping as m
-from usbip.backends.libusb.device import classify_control, interface_numbers
+from usbip.backends.libusb.control import Special, SpecialRequest, classify_control, interface_numbers
 from usbip.backends.sysfs import busid_for, speed_from_sysfs, split_descriptors
 from usbip.protocol import IsoPackets
 from usbip.protocol.constants import Speed
@@ -80,9 +80,10 @@ def test_split_descriptors_and_interfaces():
 
 
 def test_classify_control():
-    assert classify_control(bytes.fromhex("0009010000000000")) == ("config", 1, 0)
-    assert classify_control(bytes.fromhex("010b010002000000")) == ("interface", 2, 1)
-    assert classify_control(bytes.fromhex("0201000081000000")) == ("clear_halt", 0x81, 0)
+    assert classify_control(bytes.fromhex("0009010000000000")) == SpecialRequest(Special.CONFIG, 1)
+    assert classify_control(bytes.fromhex("010b010002000000")) == SpecialRequest(Special.INTERFACE, 2, 1)
+    assert classify_control(bytes.fromhex("0201000081000000")) == SpecialRequest(Special.CLEAR_HALT, 0x81)
+    assert str(classify_control(bytes.fromhex("010b010002000000"))) == "SET_INTERFACE(2, 1)"
     assert classify_control(bytes.fromhex("0201010081000000")) is None  # not ENDPOINT_HALT
     assert classify_control(bytes.fromhex("8006000100001200")) is None  # GET_DESCRIPTOR
 

@@ -62,7 +62,6 @@ import concurrent.futures
 import contextlib
 import logging
 import os
-import struct
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -82,10 +81,20 @@ from ...protocol.constants import (
     XFER_INT,
     XFER_ISOC,
 )
-from ...usb.descriptors import walk
+from ...usb.ch9 import (
+    DIR_IN,
+    RECIP_ENDPOINT,
+    RECIP_INTERFACE,
+    RECIP_MASK,
+    SETUP_STRUCT,
+    TYPE_MASK,
+    TYPE_STANDARD,
+    XFER_CONTROL,
+)
 from ...usb.device import Device, Urb
 from ..usbdev import UsbDevice, split_descriptors
 from ..worker import DaemonWorker
+from .control import RESET_REQUEST, Special, SpecialRequest, classify_control, control_refusal, interface_numbers
 from .layout import ConfigLayout, Endpoint
 from .mapping import (
     EMSGSIZE,
@@ -100,44 +109,30 @@ from .mapping import (
     status_to_errno,
 )
 from .opening import close_handle, open_handle
+from .transfers import (
+    FLAG_SHORT_NOT_OK,
+    FLAG_ZERO_PACKET,
+    MAX_CONTROL_DATA,
+    SETUP_BUFFER,
+    TransferPool,
+    control_data,
+    point_at,
+    setup_control,
+    transfer_key,
+    transfer_result,
+)
 
 log = logging.getLogger(__name__)
 #: how long close() lets cancelled transfers come back before it closes the handle
 DRAIN_TIMEOUT = 2.0
 #: how long close() waits for a libusb call running in the worker (and for giving the interfaces back)
 CLOSE_TIMEOUT = 30.0
-#: libusb on Linux refuses control transfers with more data (os/linux_usbfs.h MAX_CTRL_BUFFER_LENGTH)
-MAX_CONTROL_DATA = 4096
+#: per-URB debug records (submit / completion) when set AND the logger is at DEBUG; otherwise a
+#: single false test per URB: no arguments formatted, no record made
 _DEBUG = bool(os.environ.get("USBIP_LIBUSB_DEBUG"))
+_LOG_DEBUG = logging.DEBUG
 
-_SETUP = struct.Struct("<BBHHH")
-REQ_CLEAR_FEATURE = 1
-REQ_SET_CONFIGURATION = 9
-REQ_SET_INTERFACE = 11
-FEATURE_ENDPOINT_HALT = 0
-
-
-def interface_numbers(config: bytes) -> list[int]:
-    """bInterfaceNumber of each interface in a configuration descriptor (alt 0 only)."""
-    out = []
-    for dtype, desc in walk(config):
-        if dtype == 4 and len(desc) >= 4 and desc[3] == 0 and desc[2] not in out:
-            out.append(desc[2])
-    return out
-
-
-def classify_control(setup: bytes) -> tuple[str, int, int] | None:
-    """Which control requests the stub performs itself: ("config", wValue, 0),
-    ("interface", wIndex, wValue), ("clear_halt", endpoint address, 0) or None.
-    wValue / wIndex are whole (16 bits): values that do not fit are refused later."""
-    bm, req, value, index, _length = _SETUP.unpack_from(setup, 0)
-    if bm == 0x00 and req == REQ_SET_CONFIGURATION:
-        return ("config", value, 0)
-    if bm == 0x01 and req == REQ_SET_INTERFACE:
-        return ("interface", index, value)
-    if bm == 0x02 and req == REQ_CLEAR_FEATURE and value == FEATURE_ENDPOINT_HALT:
-        return ("clear_halt", index & 0x8F, 0)  # stub_rx.c tweak_clear_halt_cmd: number and direction
-    return None
+__all__ = ["LibusbDevice", "classify_control", "interface_numbers"]
 
 
 _RESET = object()  # a port reset waiting in LibusbDevice._deferred
@@ -172,6 +167,7 @@ class LibusbDevice(Device):
         self._detached: list[int] = []
         self._alts: dict[int, int] = {}  # interface -> current alt setting, where known
         self._pending: dict[int, Urb] = {}  # id(urb) -> urb with a libusb transfer in flight (or waiting)
+        self._transfers: TransferPool | None = None  # transfers back from libusb, for reuse (per handle)
         self._layout_cache: ConfigLayout | None = None
         self._ep_cache: dict[tuple[int, int], Endpoint] | None = None
         self.is_gone = False
@@ -186,6 +182,10 @@ class LibusbDevice(Device):
         self._cancel_later: dict[int, Urb] = {}  # unlinked while _busy runs: cancelled when it returns
         self._drained: asyncio.Event | None = None  # close() waits on it for its cancelled transfers
         self.gone: asyncio.Event | None = None  # set when the device disappears (the server ends the session)
+        #: the transfers' completion callback: _finish itself when libusb's events are handled in
+        #: the loop thread (pollfds), else _on_transfer (hops to the loop)
+        in_loop = getattr(events, "mode", "") == "pollfd"
+        self._callback: Callable[[Any], None] = self._finish if in_loop else self._on_transfer
 
     # ------------------------------------------------------------ identity
     @property
@@ -265,6 +265,7 @@ class LibusbDevice(Device):
         self._invalidate()
         try:
             self.handle, self._fd = open_handle(self.context, self.sysdev)
+            self._transfers = TransferPool()
             await self._in_worker(self._open_sync)
         except BaseException:
             self._close_handle()
@@ -429,6 +430,9 @@ class LibusbDevice(Device):
             self._close_when_idle()
             return
         self._close_pending = False
+        pool, self._transfers = self._transfers, None
+        if pool is not None:
+            pool.close()  # frees the kept transfers; any still in flight is closed as it comes back
         if self.handle is not None:
             if not self.is_gone:
                 self._give_back_interfaces()
@@ -513,7 +517,7 @@ class LibusbDevice(Device):
         self._submit_now(urb)
 
     def _submit_now(self, urb: Urb) -> None:
-        if _DEBUG:
+        if _DEBUG and log.isEnabledFor(_LOG_DEBUG):
             log.debug("%s: submit %r setup=%s flags=%#x", self.busid, urb, bytes(urb.setup).hex(), urb.transfer_flags)
         if self.is_gone or self.handle is None:
             urb.complete(ESHUTDOWN if self.is_gone else ENODEV, 0)
@@ -535,39 +539,69 @@ class LibusbDevice(Device):
         if ep.max_bytes <= 0:
             urb.complete(EMSGSIZE, 0)  # usb_submit_urb: "bogus endpoint" (maxpacket 0)
             return
-        address = urb.ep | (0x80 if is_in else 0)
-        flags = urb.transfer_flags
+        address = ep.address
         try:
             if xfer == XFER_ISOC:
                 transfer = self._iso_transfer(urb, address, is_in, ep.max_bytes)
             else:
-                transfer = self.handle.getTransfer(
-                    short_is_error=bool(is_in and flags & URB_SHORT_NOT_OK),
-                    add_zero_packet=bool(not is_in and flags & URB_ZERO_PACKET),
-                )
-                try:
-                    buf = self._data_buffer(urb, is_in)
-                    if xfer == XFER_INT:
-                        transfer.setInterrupt(address, buf, self._on_transfer, urb)
-                    else:
-                        transfer.setBulk(address, buf, self._on_transfer, urb)
-                except BaseException:
-                    with contextlib.suppress(Exception):
-                        transfer.close()
-                    raise
+                transfer = self._bulk_transfer(urb, address, xfer, is_in)
             self._start(urb, transfer)
         except Exception as exc:
             self._submit_failed(urb, exc)
 
-    @staticmethod
-    def _data_buffer(urb: Urb, is_in: bool) -> Any:
-        buf = urb.buffer
-        n = urb.transfer_buffer_length
+    def _bulk_transfer(self, urb: Urb, address: int, xfer: int, is_in: bool) -> Any:
+        """A bulk / interrupt transfer set up for ``urb``: one kept for the same endpoint and flags
+        (only its buffer and user data change), else a new one."""
+        flags = urb.transfer_flags
         if is_in:
-            return buf if len(buf) == n else memoryview(buf)[:n]
-        if len(buf) != n:
-            return memoryview(buf)[:n]
-        return buf
+            tflags = FLAG_SHORT_NOT_OK if flags & URB_SHORT_NOT_OK else 0
+        else:
+            tflags = FLAG_ZERO_PACKET if flags & URB_ZERO_PACKET else 0
+        key = transfer_key(address, xfer, tflags)
+        pool = self._transfers
+        transfer = pool.get(key) if pool is not None else None
+        if transfer is None:
+            transfer = self.handle.getTransfer(
+                short_is_error=bool(tflags & FLAG_SHORT_NOT_OK), add_zero_packet=bool(tflags & FLAG_ZERO_PACKET)
+            )
+            transfer.usbip_key = key  # what stays when it is reused
+            try:
+                if xfer == XFER_INT:
+                    transfer.setInterrupt(address, SETUP_BUFFER, self._callback)
+                else:
+                    transfer.setBulk(address, SETUP_BUFFER, self._callback)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    transfer.close()
+                raise
+        buf = urb.buffer
+        try:
+            # the URB's buffer in place when writable (IN data lands there, OUT data is not copied)
+            point_at(transfer, buf, min(len(buf), urb.transfer_buffer_length))
+            transfer.setUserData(urb)
+        except BaseException:
+            self._put_back(transfer)
+            raise
+        return transfer
+
+    def _new_transfer(self, key: int, iso_packets: int = 0) -> Any:
+        """A kept transfer for ``key``, or a new one (set up by the caller)."""
+        pool = self._transfers
+        transfer = pool.get(key) if pool is not None else None
+        if transfer is None:
+            transfer = self.handle.getTransfer(iso_packets=iso_packets)
+            transfer.usbip_key = key
+        return transfer
+
+    def _put_back(self, transfer: Any) -> None:
+        """A transfer libusb is done with (or that was never submitted): kept for reuse, or closed."""
+        pool = self._transfers
+        key = getattr(transfer, "usbip_key", None)
+        if pool is None or key is None:
+            with contextlib.suppress(Exception):
+                transfer.close()
+            return
+        pool.put(key, transfer)
 
     def _start(self, urb: Urb, transfer: Any) -> None:
         urb.context = transfer
@@ -577,8 +611,7 @@ class LibusbDevice(Device):
         except BaseException:
             self._pending.pop(id(urb), None)
             urb.context = None
-            with contextlib.suppress(Exception):
-                transfer.close()
+            self._put_back(transfer)
             raise
 
     def _submit_failed(self, urb: Urb, exc: BaseException) -> None:
@@ -602,113 +635,95 @@ class LibusbDevice(Device):
 
     # ------------------------------------------------------------ control
     def _submit_control(self, urb: Urb, is_in: bool) -> None:
-        setup = bytes(urb.setup)
-        special = classify_control(setup)
-        if special is not None and special[0] == "clear_halt" and special[1] & 0x0F == 0:
+        setup = urb.setup
+        bm, req, value, index, length = SETUP_STRUCT.unpack_from(setup, 0)
+        # the special requests are standard OUT requests; the rest (GET_DESCRIPTOR, ...) skip the checks
+        special = classify_control(setup) if bm & (DIR_IN | TYPE_MASK) == TYPE_STANDARD else None
+        if special is not None and special.kind is Special.CLEAR_HALT and special.target & 0x0F == 0:
             special = None  # CLEAR_FEATURE(ENDPOINT_HALT) of ep0: an ordinary request (usbfs lets it through)
         if special is not None:
             refused = self._check_special(special)
             if refused:
-                log.info("%s: %s(%d, %d) refused: %d", self.busid, *special, refused)
+                log.info("%s: %s refused: %d", self.busid, special, refused)
                 urb.complete(refused, 0)
                 return
-            self._cancel_for(special[0], special[1])
+            self._cancel_for(special)
             self._run_blocking(self._special, special, urb)
             return
-        refused = self._control_refusal(setup)
-        if refused:
-            log.info("%s: control request %s names an interface we do not hold: %d", self.busid, setup.hex(), refused)
-            urb.complete(refused, 0)
-            return
-        bm, req, value, index, length = _SETUP.unpack_from(setup, 0)
+        # only requests to an interface or an endpoint can name one we do not hold
+        if bm & RECIP_MASK in (RECIP_INTERFACE, RECIP_ENDPOINT):
+            refused = control_refusal(setup, self._claimed, self._layout(), EPIPE)
+            if refused:
+                why = "names an interface we do not hold"
+                log.info("%s: control request %s %s: %d", self.busid, bytes(setup).hex(), why, refused)
+                urb.complete(refused, 0)
+                return
         n = min(length, urb.transfer_buffer_length)
         if not is_in and n > MAX_CONTROL_DATA:
             urb.complete(EMSGSIZE, 0)  # libusb cannot send it (usb_submit_urb: too large for the host)
             return
         try:
-            transfer = self.handle.getTransfer()
+            transfer = self._new_transfer(transfer_key(0, XFER_CONTROL))
             try:
                 if is_in:
                     # at most what libusb takes: a larger wLength asks for "up to" that many bytes,
                     # which the device answers with a short read whenever it has less
-                    transfer.setControl(bm, req, value, index, min(n, MAX_CONTROL_DATA), self._on_transfer, urb)
+                    setup_control(transfer, bm, req, value, index, min(n, MAX_CONTROL_DATA), self._callback)
                 else:
-                    data = bytes(memoryview(urb.buffer)[:n]) if n else b""
-                    transfer.setControl(bm, req, value, index, data, self._on_transfer, urb)
+                    data = memoryview(urb.buffer)[:n] if n else b""
+                    setup_control(transfer, bm, req, value, index, data, self._callback)
+                transfer.setUserData(urb)
             except BaseException:
-                with contextlib.suppress(Exception):
-                    transfer.close()
+                self._put_back(transfer)
                 raise
             self._start(urb, transfer)
         except Exception as exc:
             self._submit_failed(urb, exc)
 
     def _control_refusal(self, setup: bytes) -> int:
-        """0, or the status a standard/class request naming an interface (or an endpoint of one)
-        we did not claim completes with: that interface belongs to a kernel driver of this host.
-        The rules of usbfs' check_ctrlrecip (vendor requests pass, so does the printer class'
-        GET_DEVICE_ID, which names the interface in wIndex's high byte)."""
-        bm, req, _value, index, _length = _SETUP.unpack_from(setup, 0)
-        if (bm >> 5) & 3 == 2:  # vendor
-            return 0
-        recipient = bm & 0x1F
-        claimed = self._claimed
-        if bm == 0xA1 and req == 0 and (index >> 8) in claimed:
-            return 0
-        if recipient == 1:  # interface
-            return 0 if (index & 0xFF) in claimed else EPIPE
-        if recipient == 2:  # endpoint
-            address = index & 0xFF
-            if address & 0x0F == 0:
-                return 0
-            layout = self._layout()
-            owner = layout.owner(address)
-            if owner is None:
-                owner = layout.owner(address ^ 0x80)  # usbfs: some clients give the number without the direction
-            if owner is None:
-                return 0  # no such endpoint: the device answers, as usbfs lets it through
-            return 0 if owner in claimed else EPIPE
-        return 0
+        """0, or -EPIPE for a request naming an interface we did not claim (:func:`.control.control_refusal`)."""
+        return control_refusal(setup, self._claimed, self._layout(), EPIPE)
 
-    def _check_special(self, special: tuple[str, int, int]) -> int:
+    def _check_special(self, special: SpecialRequest) -> int:
         """0 to go ahead, or the status a special request is refused with without touching the device."""
-        what, a, b = special
-        if what == "config":
+        kind, a, b = special
+        if kind is Special.CONFIG:
             if a == 0:
                 return 0
             if a > 0xFF or not any(len(c) >= 6 and c[5] == a for c in self._configs):
                 return EINVAL  # usb_set_configuration: no such configuration
             return 0
-        if what == "interface":
+        if kind is Special.INTERFACE:
             layout = self._layout()
             if a > 0xFF or b > 0xFF or not layout.has_alt(a, b):
                 return EINVAL  # usb_set_interface: no such interface / alt setting
             return 0
         # clear_halt: an endpoint a client may reach now; the device would stall anything else
-        return 0 if self._endpoint(a & 0x0F, 1 if a & 0x80 else 0) is not None else EPIPE
+        return 0 if self._endpoint(a & 0x0F, 1 if a & DIR_IN else 0) is not None else EPIPE
 
-    def _cancel_for(self, what: str, arg: int) -> None:
-        """Cancel the transfers a SET_CONFIGURATION ("config"), SET_INTERFACE ("interface", its
-        interface) or reset ("reset") is about to take down. usbfs would flush them with
-        -ESHUTDOWN, which libusb reports as NO_DEVICE (the device then looked unplugged); cancelled
-        first, they come back CANCELLED and complete -ESHUTDOWN, as the kernel flushes them."""
-        if what == "clear_halt":
+    def _cancel_for(self, special: SpecialRequest) -> None:
+        """Cancel the transfers a SET_CONFIGURATION, SET_INTERFACE (of its interface) or reset is
+        about to take down. usbfs would flush them with -ESHUTDOWN, which libusb reports as
+        NO_DEVICE (the device then looked unplugged); cancelled first, they come back CANCELLED
+        and complete -ESHUTDOWN, as the kernel flushes them."""
+        kind = special.kind
+        if kind is Special.CLEAR_HALT:
             return
         targets = None
-        if what == "interface":
-            targets = self._layout().endpoints_of(arg)
+        if kind is Special.INTERFACE:
+            targets = self._layout().endpoints_of(special.target)
         for urb in list(self._pending.values()):
             transfer: Any = urb.context
             if transfer is None or urb.done:
                 continue
-            if what == "config" and urb.ep == 0:
+            if kind is Special.CONFIG and urb.ep == 0:
                 continue  # usb_set_configuration leaves ep0 alone
-            if targets is not None and (urb.ep | (0x80 if urb.direction == USBIP_DIR_IN else 0)) not in targets:
+            if targets is not None and (urb.ep | (DIR_IN if urb.direction == USBIP_DIR_IN else 0)) not in targets:
                 continue
             try:
                 transfer.cancel()
             except Exception as exc:
-                log.debug("%s: cancel %r before %s: %s", self.busid, urb, what, exc)
+                log.debug("%s: cancel %r before %s: %s", self.busid, urb, special, exc)
 
     def _run_blocking(self, fn: Callable[..., int], arg: Any, urb: Urb | None) -> None:
         """Run ``fn(arg)`` (a blocking libusb call returning an errno) in the worker thread,
@@ -740,7 +755,7 @@ class LibusbDevice(Device):
         except BaseException as exc:  # CancelledError when the worker was shut down
             log.debug("%s: %r: %r", self.busid, arg, exc)
             err = ESHUTDOWN if self.is_gone else EINVAL
-        if _DEBUG:
+        if _DEBUG and log.isEnabledFor(_LOG_DEBUG):
             log.debug("%s: %s -> %d", self.busid, arg, err)
         if urb is not None:
             self._pending.pop(id(urb), None)
@@ -769,14 +784,14 @@ class LibusbDevice(Device):
                 continue
             self._submit_now(nxt)
 
-    def _special(self, special: tuple[str, int, int]) -> int:
+    def _special(self, special: SpecialRequest) -> int:
         """Worker thread: the libusb call standing for a client's special request."""
-        what, a, b = special
+        kind, a, b = special
         h = self.handle
         if h is None:
             return ENODEV
         try:
-            if what == "config":
+            if kind is Special.CONFIG:
                 # usbfs refuses SET_CONFIGURATION while interfaces are claimed: give them back first
                 before = self._config_value
                 self._release_interfaces()
@@ -794,7 +809,7 @@ class LibusbDevice(Device):
                     # every interface in alt 0; after a failure nobody knows
                     self._alts = {i: 0 for i in self._layout().alts} if ok else {}
                     self._take_interfaces()
-            elif what == "interface":
+            elif kind is Special.INTERFACE:
                 if a not in self._claimed:
                     self._take_interfaces()  # its kernel driver may have let go of it since
                 if a not in self._claimed:
@@ -806,8 +821,8 @@ class LibusbDevice(Device):
                 h.clearHalt(a)
         except Exception as exc:
             code = getattr(exc, "value", None)
-            err = special_error_to_errno(what, code if isinstance(code, int) else None)
-            log.info("%s: %s(%d, %d) failed: %s", self.busid, what, a, b, exc)
+            err = special_error_to_errno(kind, code if isinstance(code, int) else None)
+            log.info("%s: %s failed: %s", self.busid, special, exc)
             return err  # ENODEV: the caller marks the device gone (loop thread)
         finally:
             self._ep_cache = None
@@ -827,8 +842,8 @@ class LibusbDevice(Device):
     def _start_reset(self) -> None:
         if self.handle is None or self.is_gone:
             return
-        self._cancel_for("reset", 0)
-        self._run_blocking(self._reset_sync, "reset", None)
+        self._cancel_for(RESET_REQUEST)
+        self._run_blocking(self._reset_sync, RESET_REQUEST, None)
 
     def _reset_sync(self, _arg: Any = None) -> int:
         h = self.handle
@@ -840,7 +855,7 @@ class LibusbDevice(Device):
             log.info("%s: reset failed: %s", self.busid, exc)
             code = getattr(exc, "value", None)
             # NOT_FOUND: usbfs said ENODEV, or an interface could not be claimed again
-            return special_error_to_errno("reset", code if isinstance(code, int) else None)
+            return special_error_to_errno(Special.RESET, code if isinstance(code, int) else None)
         finally:
             self._ep_cache = None
         return 0
@@ -852,30 +867,34 @@ class LibusbDevice(Device):
         packets = iso.tolist()
         # bounded before anything is allocated (UrbRefused: -EMSGSIZE / -EINVAL)
         plan = IsoPlan(packets, urb.transfer_buffer_length, max_packet)
-        transfer = self.handle.getTransfer(iso_packets=len(packets))
+        # libusb fixes the packet count at allocation: kept per endpoint and packet count
+        transfer = self._new_transfer(transfer_key(address, XFER_ISOC, 0, len(packets)), len(packets))
         try:
             if plan.contiguous:
-                buf: Any = memoryview(urb.buffer)[: plan.total] if plan.total != len(urb.buffer) else urb.buffer
+                buf: Any = urb.buffer
                 bounce = None
             else:
                 bounce = bytearray(plan.total)
                 if not is_in:
                     plan.gather(memoryview(urb.buffer), memoryview(bounce))
                 buf = bounce
+            # set up on a scratch buffer of the right length (python-libusb1 checks the packets
+            # against it), then pointed at the URB's (or the bounce) buffer: see point_at
             transfer.setIsochronous(
-                address, buf, self._on_transfer, (urb, plan, bounce), iso_transfer_length_list=plan.setup_lengths
+                address, plan.total, self._callback, (urb, plan, bounce), iso_transfer_length_list=plan.setup_lengths
             )
+            point_at(transfer, buf, plan.total)
             if plan.zero:
                 _patch_iso_lengths(transfer, plan)
         except BaseException:
-            with contextlib.suppress(Exception):
-                transfer.close()
+            self._put_back(transfer)
             raise
         return transfer
 
     # ------------------------------------------------------------ completion
     def _on_transfer(self, transfer: Any) -> None:
-        """python-libusb1 callback (loop thread with pollfds, event thread otherwise)."""
+        """python-libusb1 callback (event thread): completes in the loop thread. With pollfds the
+        callback runs in the loop thread already and is :meth:`_finish` itself (``_callback``)."""
         self.events.dispatch(self._finish, transfer)
 
     def _finish(self, transfer: Any) -> None:
@@ -891,7 +910,7 @@ class LibusbDevice(Device):
         if self._drained is not None and not self._live_transfers():
             self._drained.set()
         try:
-            status = transfer.getStatus()
+            status, actual = transfer_result(transfer)
             if urb.iso is not None and plan is not None:
                 results = [(p["status"], p["actual_length"]) for p in transfer.getISOSetupList()]
                 if bounce is not None and urb.direction == USBIP_DIR_IN:
@@ -904,10 +923,9 @@ class LibusbDevice(Device):
                 if status == TRANSFER_CANCELLED and not urb.cancelled:
                     err = ESHUTDOWN
             else:
-                actual = transfer.getActualLength()
                 if urb.ep == 0 and urb.direction == USBIP_DIR_IN and actual:
                     actual = min(actual, urb.transfer_buffer_length)
-                    memoryview(urb.buffer)[:actual] = transfer.getBuffer()[:actual]
+                    memoryview(urb.buffer)[:actual] = control_data(transfer)[:actual]
                 err = status_to_errno(status)
                 if status == TRANSFER_CANCELLED and not urb.cancelled:
                     err = ESHUTDOWN  # cancelled because the device went away, not by an unlink
@@ -925,9 +943,10 @@ class LibusbDevice(Device):
             log.exception("%s: completing %r", self.busid, urb)
             status, err, actual = None, EINVAL, 0
         finally:
-            with contextlib.suppress(Exception):
-                transfer.close()  # drops python-libusb1's view of the pooled buffer before the pool gets it back
-        if _DEBUG:
+            # kept for the next URB on this endpoint (or closed); either way python-libusb1's view of
+            # the pooled buffer goes before the session gives the buffer back to its pool
+            self._put_back(transfer)
+        if _DEBUG and log.isEnabledFor(_LOG_DEBUG):
             log.debug(
                 "%s: done seq=%d ep=%d status=%s err=%d actual=%d", self.busid, urb.seqnum, urb.ep, status, err, actual
             )

@@ -16,6 +16,7 @@ from ...protocol.constants import (
     ETIMEDOUT,
     Speed,
 )
+from .control import Special
 
 EMSGSIZE = -_errno.EMSGSIZE  # usb_submit_urb: an iso packet larger than the endpoint moves per interval
 EBUSY = -_errno.EBUSY
@@ -77,7 +78,7 @@ _ERROR_ERRNO = {
 #: would have sent the request to the device, which stalls it (-EPIPE); reset: usbfs said
 #: ENODEV (the device went away or came back as another one), or an interface could not be
 #: claimed again after the reset: the device is gone for this import.
-_NOT_FOUND_ERRNO = {"config": EINVAL, "interface": EINVAL, "clear_halt": EPIPE, "reset": ENODEV}
+_NOT_FOUND_ERRNO = {Special.CONFIG: EINVAL, Special.INTERFACE: EINVAL, Special.CLEAR_HALT: EPIPE, Special.RESET: ENODEV}
 
 
 def status_to_errno(status: int) -> int:
@@ -97,11 +98,11 @@ def error_to_errno(code: int | None) -> int:
     return _ERROR_ERRNO.get(code, EPROTO)
 
 
-def special_error_to_errno(what: str, code: int | None) -> int:
+def special_error_to_errno(what: Special | str, code: int | None) -> int:
     """A libusb error code from the synchronous call standing for a client's request ``what``
-    ("config", "interface", "clear_halt", "reset") -> the errno its URB completes with."""
+    (a :class:`Special`, or its value) -> the errno its URB completes with."""
     if code == LIBUSB_ERROR_NOT_FOUND:
-        return _NOT_FOUND_ERRNO.get(what, EPROTO)
+        return _NOT_FOUND_ERRNO.get(Special(what), EPROTO)
     return error_to_errno(code)
 
 
