@@ -82,6 +82,8 @@ from .limits import ServerLimits
 if not cython.compiled:  # compiled, _urbsession.pxd cimports them: the codec's C functions and C class
     from ..protocol import CmdSubmit, pack_ret_unlink, ret_submit_header, urb_from_submit
 
+    _CPool: Any = None  # compiled: the compiled pool's C class (its acquire/release are C calls)
+
 if TYPE_CHECKING:
     from ..capture import UrbCapture
 
@@ -156,6 +158,8 @@ class UrbSession:
         self.devid = device.devid if devid is None else devid
         self.send = send
         self.pool = pool
+        # the compiled session holding the compiled pool calls it directly; else through ``pool``
+        self._cpool = pool if cython.compiled and type(pool) is _CPool else None
         self.limits = limits = limits or ServerLimits()
         self._max_pending = limits.max_pending_urbs  # ServerLimits is frozen
         self.budget = limits.connection_budget
@@ -299,7 +303,9 @@ class UrbSession:
         tbl = msg.transfer_buffer_length
         if direction == USBIP_DIR_IN:
             # pool buffers come zeroed: a device that reports more than it wrote leaks nothing
-            urb = urb_from_submit(msg, self.pool.acquire(tbl), self._on_complete)
+            cpool = self._cpool
+            buf = cpool.acquire(tbl) if cpool is not None else self.pool.acquire(tbl)
+            urb = urb_from_submit(msg, buf, self._on_complete)
         else:
             data = msg.data
             base: Any = data.obj if isinstance(data, memoryview) else data  # what a view pins
@@ -432,8 +438,12 @@ class UrbSession:
             if urb.ep == 0 and urb.setup[1] in _CHANGES_ENDPOINTS and urb.setup[0] in _CHANGES_ENDPOINTS_TYPES:
                 self.invalidate_endpoints()  # SET_CONFIGURATION / SET_INTERFACE ran (unlinked or not)
         self.pending_bytes -= urb.transfer_buffer_length
-        if is_in:
-            self.pool.release(urb.buffer)  # reused once the queued payload view is sent
+        if is_in:  # reused once the queued payload view is sent
+            cpool = self._cpool
+            if cpool is not None:
+                cpool.release(urb.buffer)
+            else:
+                self.pool.release(urb.buffer)
         urb.buffer = b""
         if self._idle is not None and not pending:
             self._idle.set()
