@@ -18,14 +18,7 @@ IMPLEMENTATION = "cython"
 DEF MIN_CLASS = 512
 
 
-cdef class PoolBuffer:
-    cdef char *data
-    cdef Py_ssize_t size
-    cdef readonly Py_ssize_t capacity
-    cdef int exports
-    cdef bint released
-    cdef BufferPool pool
-
+cdef class PoolBuffer:  # attributes: _buffers.pxd
     def __cinit__(self, Py_ssize_t capacity):
         self.data = <char *>calloc(capacity if capacity > 0 else 1, 1)
         if self.data == NULL:
@@ -58,13 +51,7 @@ cdef class PoolBuffer:
 
 cdef class BufferPool:
     """Buffers in power-of-two size classes; at most ``max_free`` kept per class and
-    ``max_cached_bytes`` kept in all."""
-    cdef dict _free
-    cdef readonly Py_ssize_t max_pooled
-    cdef readonly int max_free
-    cdef readonly Py_ssize_t outstanding
-    cdef readonly Py_ssize_t max_cached_bytes
-    cdef readonly Py_ssize_t cached_bytes
+    ``max_cached_bytes`` kept in all (attributes: _buffers.pxd)."""
 
     def __init__(self, Py_ssize_t max_pooled=4 * 1024 * 1024, int max_free=64,
                  Py_ssize_t max_cached_bytes=32 * 1024 * 1024):

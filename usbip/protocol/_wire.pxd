@@ -35,6 +35,12 @@ cdef inline unsigned char *ba_ptr(bytearray b):
     return <unsigned char *>PyByteArray_AS_STRING(b)
 
 
+cdef inline bytearray ba_new(Py_ssize_t size):
+    """A new bytearray of ``size`` bytes left uninitialised (the caller writes every byte):
+    one C call where ``bytearray(size)`` is a Python call of the type plus a memset."""
+    return PyByteArray_FromStringAndSize(NULL, size)
+
+
 cdef inline bint ba_exported(bytearray b):
     """True while a memoryview (a payload handed out) holds the bytearray's memory."""
     return (<PyByteArrayObject *>b).ob_exports != 0

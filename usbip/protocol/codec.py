@@ -888,12 +888,13 @@ def urb_from_submit(msg: CmdSubmit, buffer: object, on_complete: Callable[[Urb],
 
 def ret_submit_header(urb: Urb, actual_length: int, number_of_packets: int, error_count: int) -> bytearray:
     """A fresh 48-byte RET_SUBMIT header for ``urb`` (status and start_frame from it)."""
-    hdr = bytearray(HEADER_SIZE)
     if cython.compiled:
+        hdr: bytearray = _wire.ba_new(HEADER_SIZE)  # write_header fills all 48 bytes (setup: zeros)
         w = [USBIP_RET_SUBMIT, urb.seqnum, 0, 0, 0, urb.status, actual_length, urb.start_frame,
              number_of_packets, error_count]  # fmt: skip
         _wire.write_header(hdr, 0, w, None)
         return hdr
+    hdr = bytearray(HEADER_SIZE)
     _RET_SUBMIT.pack_into(
         hdr,
         0,

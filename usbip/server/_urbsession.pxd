@@ -11,10 +11,13 @@ cimport cython
 from libc.stdint cimport int32_t, int64_t, uint32_t
 
 from usbip.protocol cimport _codec
+# the codec's hot functions as C calls (these cimports take over the names urbsession.py imports)
+from usbip.protocol._codec cimport CmdSubmit, pack_ret_unlink, ret_submit_header, urb_from_submit
+from usbip.pool._buffers cimport BufferPool as _CPool
 
 # numbers imported from constants.py / usb.ch9, as C values
 cdef Py_ssize_t HEADER_SIZE, ISO_DESC_SIZE
-cdef uint32_t USBIP_DIR_IN, USBIP_CMD_SUBMIT
+cdef uint32_t USBIP_DIR_IN
 cdef int32_t EBADR, ECONNRESET, EINVAL, ENOENT
 cdef uint32_t _SEQ_MASK, _SEQ_HALF
 cdef int DIR_IN, PORT_FEAT_RESET, RT_PORT, SET_FEATURE, XFER_BULK, XFER_CONTROL, XFER_ISOC
@@ -45,9 +48,13 @@ cdef class UrbSession:
     cdef public uint32_t max_seqnum
     cdef public dict _early_unlinks
     cdef public object capture, _on_complete
+    cdef Py_ssize_t _max_pending
+    cdef _CPool _cpool  # ``pool`` when it is the compiled pool, else None
 
-    @cython.locals(msg=object)
+    @cython.locals(msg=object, sub=CmdSubmit, devid=uint32_t)
     cpdef handle(self, list messages)
+    cdef _foreign(self, uint32_t devid)
+    @cython.locals(queued=Py_ssize_t)
     cdef bint _fits(self, Py_ssize_t cost) except -1
     @cython.locals(seqnum=uint32_t)
     cdef _defer(self, _codec.CmdSubmit msg)
@@ -58,7 +65,7 @@ cdef class UrbSession:
     cdef tuple _endpoint(self, uint32_t ep, uint32_t direction)
     cpdef invalidate_endpoints(self)
     @cython.locals(seqnum=uint32_t, pending=dict, ep=uint32_t, direction=uint32_t, tbl=int32_t,
-                   urb=_codec.Urb, allowed=uint32_t, status=int32_t)
+                   urb=_codec.Urb, allowed=uint32_t, status=int32_t, cpool=_CPool)
     cdef _submit(self, _codec.CmdSubmit msg)
     @cython.locals(target=uint32_t, urb=_codec.Urb, held=_codec.CmdSubmit)
     cdef _unlink(self, _codec.CmdUnlink msg)
@@ -68,7 +75,7 @@ cdef class UrbSession:
     cdef _send_ret_unlink(self, uint32_t seqnum, int32_t status)
     cdef _refuse(self, _codec.Urb urb, int32_t status)
     cpdef _completed_captured(self, _codec.Urb urb)
-    @cython.locals(pending=dict, is_in=bint, setup=object)
+    @cython.locals(pending=dict, is_in=bint, setup=object, cpool=_CPool)
     cpdef _completed(self, _codec.Urb urb)
-    @cython.locals(actual=int32_t, hdr=bytearray, n=Py_ssize_t, total=int64_t, descs=bytearray, parts=list)
+    @cython.locals(actual=int32_t, hdr=bytearray, view=object, n=Py_ssize_t, total=int64_t, descs=bytearray, parts=list)
     cdef _send_ret_submit(self, _codec.Urb urb, bint is_in)

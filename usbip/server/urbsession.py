@@ -48,9 +48,6 @@ from ..protocol import (
     USBIP_DIR_IN,
     ProtocolError,
     Urb,
-    pack_ret_unlink,
-    ret_submit_header,
-    urb_from_submit,
 )
 from ..protocol.constants import (
     EBADR,
@@ -64,7 +61,6 @@ from ..protocol.constants import (
     URB_NO_TRANSFER_DMA_MAP,
     URB_SHORT_NOT_OK,
     URB_ZERO_PACKET,
-    USBIP_CMD_SUBMIT,
 )
 from ..usb.ch9 import (
     DIR_IN,
@@ -82,6 +78,11 @@ from ..usb.ch9 import (
 )
 from ..usb.device import Device
 from .limits import ServerLimits
+
+if not cython.compiled:  # compiled, _urbsession.pxd cimports them: the codec's C functions and C class
+    from ..protocol import CmdSubmit, pack_ret_unlink, ret_submit_header, urb_from_submit
+
+    _CPool: Any = None  # compiled: the compiled pool's C class (its acquire/release are C calls)
 
 if TYPE_CHECKING:
     from ..capture import UrbCapture
@@ -159,7 +160,10 @@ class UrbSession:
         self.devid = device.devid if devid is None else devid
         self.send = send
         self.pool = pool
+        # the compiled session holding the compiled pool calls it directly; else through ``pool``
+        self._cpool = pool if cython.compiled and type(pool) is _CPool else None
         self.limits = limits = limits or ServerLimits()
+        self._max_pending = limits.max_pending_urbs  # ServerLimits is frozen
         self.budget = limits.connection_budget
         self.backlog_limit = max(limits.connection_budget // 4, 64 * 1024)
         self._queued = queued or (lambda: 0)
@@ -189,16 +193,24 @@ class UrbSession:
     def handle(self, messages: list[Any]) -> None:
         """Process every message of one read. Raises ProtocolError to end the connection."""
         backlog = self.backlog
+        devid = self.devid
         for msg in messages:
-            if msg.devid != self.devid:
-                raise ProtocolError(f"header names devid 0x{msg.devid:08x}, imported device is 0x{self.devid:08x}")
-            if msg.command == USBIP_CMD_SUBMIT:
-                if backlog or not self._fits(msg.transfer_buffer_length):
-                    self._defer(msg)
+            # the server's decoder hands over CMD_SUBMIT and CMD_UNLINK only
+            if isinstance(msg, CmdSubmit):
+                sub = msg  # compiled: a C-typed CmdSubmit, its fields C fields
+                if sub.devid != devid:
+                    raise self._foreign(sub.devid)
+                if backlog or not self._fits(sub.transfer_buffer_length):
+                    self._defer(sub)
                 else:
-                    self._submit(msg)
+                    self._submit(sub)
             else:
+                if msg.devid != devid:
+                    raise self._foreign(msg.devid)
                 self._unlink(msg)
+
+    def _foreign(self, devid: int) -> ProtocolError:
+        return ProtocolError(f"header names devid 0x{devid:08x}, imported device is 0x{self.devid:08x}")
 
     # ------------------------------------------------------------ memory budget
     @property
@@ -208,7 +220,8 @@ class UrbSession:
 
     def _fits(self, cost: int) -> bool:
         # an URB larger than half the budget (up to max_transfer) runs once at most half is held
-        return self.pending_bytes + self._queued() + min(cost, self.budget >> 1) <= self.budget
+        queued = self._queued()
+        return self.pending_bytes + queued + min(cost, self.budget >> 1) <= self.budget
 
     def admit(self, body: int) -> bool:
         """May the decoder allocate a ``body``-byte OUT payload now? (Stream asks before reading it.)"""
@@ -284,8 +297,8 @@ class UrbSession:
         pending = self.pending
         if seqnum in pending:
             raise ProtocolError(f"seqnum {seqnum} is already in flight")
-        if len(pending) >= self.limits.max_pending_urbs:
-            raise ProtocolError(f"more than {self.limits.max_pending_urbs} URBs in flight")
+        if len(pending) >= self._max_pending:
+            raise ProtocolError(f"more than {self._max_pending} URBs in flight")
         if self._early_unlinks and self._settle_early_unlinks(seqnum):
             if self.capture is not None:
                 self.capture.cancelled_before_submit(msg)
@@ -297,7 +310,9 @@ class UrbSession:
         tbl = msg.transfer_buffer_length
         if direction == USBIP_DIR_IN:
             # pool buffers come zeroed: a device that reports more than it wrote leaks nothing
-            urb = urb_from_submit(msg, self.pool.acquire(tbl), self._on_complete)
+            cpool = self._cpool
+            buf = cpool.acquire(tbl) if cpool is not None else self.pool.acquire(tbl)
+            urb = urb_from_submit(msg, buf, self._on_complete)
         else:
             data = msg.data
             base: Any = data.obj if isinstance(data, memoryview) else data  # what a view pins
@@ -430,8 +445,12 @@ class UrbSession:
             if urb.ep == 0 and urb.setup[1] in _CHANGES_ENDPOINTS and urb.setup[0] in _CHANGES_ENDPOINTS_TYPES:
                 self.invalidate_endpoints()  # SET_CONFIGURATION / SET_INTERFACE ran (unlinked or not)
         self.pending_bytes -= urb.transfer_buffer_length
-        if is_in:
-            self.pool.release(urb.buffer)  # reused once the queued payload view is sent
+        if is_in:  # reused once the queued payload view is sent
+            cpool = self._cpool
+            if cpool is not None:
+                cpool.release(urb.buffer)
+            else:
+                self.pool.release(urb.buffer)
         urb.buffer = b""
         if self._idle is not None and not pending:
             self._idle.set()
@@ -447,7 +466,10 @@ class UrbSession:
                 actual = max(0, min(actual, urb.transfer_buffer_length))
             hdr = ret_submit_header(urb, actual, urb.number_of_packets, 0)
             if is_in and actual:
-                self.send([hdr, memoryview(urb.buffer)[:actual]], HEADER_SIZE + actual)
+                view = memoryview(urb.buffer)
+                if actual < len(view):
+                    view = view[:actual]  # a full buffer (the common case) goes as it is: no second view
+                self.send([hdr, view], HEADER_SIZE + actual)
             else:
                 self.send([hdr], HEADER_SIZE)
             return
