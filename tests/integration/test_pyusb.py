@@ -231,6 +231,27 @@ def test_interrupted_read_is_unlinked(serve, backends) -> None:
     assert bytes(dev.read(0x82, 512, timeout=2000)) == b"still here"
 
 
+def test_interrupt_before_the_wait_began_still_unlinks(serve, backends, monkeypatch) -> None:
+    """Ctrl-C landing after the URB was scheduled but before the wait for it began (seen in CI under
+    load: the URB stayed in flight on the server with nobody waiting for it)."""
+    s = serve(LoopbackDevice())
+    be = backends(s.addr)
+    dev = find(be, **GZ)
+    dev.set_configuration()
+
+    def interrupted_wait(fut: Any, wait: Any, cancel: Any) -> Any:
+        assert s.wait(lambda st: st["pending_urbs"] == 1)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(be._loop, "wait", interrupted_wait)
+    with pytest.raises(KeyboardInterrupt):
+        dev.read(0x82, 512, timeout=0)
+    monkeypatch.undo()
+    assert s.wait(lambda st: st["pending_urbs"] == 0)
+    assert dev.write(0x02, b"still here") == 10
+    assert bytes(dev.read(0x82, 512, timeout=2000)) == b"still here"
+
+
 def test_stall_is_epipe_and_clear_halt_recovers(serve, backends) -> None:
     s = serve(LoopbackDevice())
     dev = find(backends(s.addr), **GZ)

@@ -75,8 +75,11 @@ class LoopThread:
         fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
         return self.wait(fut, wait, fut.cancel)
 
-    def call_soon(self, fn: Callable[[concurrent.futures.Future[T]], Any]) -> concurrent.futures.Future[T]:
-        """Run ``fn(future)`` on the loop; ``fn`` (or what it sets up) completes the future.
+    def call_soon(
+        self, fn: Callable[[concurrent.futures.Future[T]], Any], fut: concurrent.futures.Future[T] | None = None
+    ) -> concurrent.futures.Future[T]:
+        """Run ``fn(future)`` on the loop; ``fn`` (or what it sets up) completes the future
+        (``fut`` if given: a caller that made it first can cancel it whenever an interrupt lands).
 
         Cheaper than a coroutine (no task, no extra loop iterations): the hot path of transfers.
         """
@@ -84,7 +87,8 @@ class LoopThread:
             raise LoopGone("the backend is closed")
         if self.in_loop_thread():
             raise RuntimeError("a PyUSB call from the backend's own event loop would wait for itself")
-        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
+        if fut is None:
+            fut = concurrent.futures.Future()
 
         def run() -> None:
             try:

@@ -694,8 +694,16 @@ class UsbipBackend(usb.backend.IBackend):
             interval=interval,
         )
         with self._errors():
-            fut = self._loop.call_soon(call.start)
-            res, timed_out = self._loop.wait(fut, wait, lambda: call.cancel(fut))
+            fut: concurrent.futures.Future[tuple[UrbResult, bool]] = concurrent.futures.Future()
+            try:
+                self._loop.call_soon(call.start, fut)
+                res, timed_out = self._loop.wait(fut, wait, lambda: call.cancel(fut))
+            except BaseException:
+                # an interrupt between scheduling and the wait (wait() cancels the rest itself):
+                # the URB must not stay in flight with nobody waiting for it
+                if not fut.done():
+                    call.cancel(fut)
+                raise
         if timed_out:
             if partial and res.actual_length > 0:
                 return res
