@@ -452,7 +452,10 @@ def test_client_unlink(exported):
     assert all(r in ([-104, 0], [0, 1 << 20]) for r in res["cancel"][6:]), res["cancel"]
     assert res["cancel"][7] == [-104, 0], res["cancel"]
     assert res["timeout"] in (["Cancelled", -104, 0], ["completed", 0, 1 << 20]), res
-    assert res["timeout_unlinked"] is True and res["timeout_done"] is True
+    assert res["timeout_done"] is True
+    # the unlink goes out only if the timeout fired first; under load the RET_SUBMIT can be handled
+    # in the same loop pass as the expired timer, and then wait() returns the result without one
+    assert res["timeout_unlinked"] is True or res["timeout"][0] == "completed", res
     assert res["bulk_timeout"] in ("Cancelled", "completed")
     assert res["after"] is True
     assert res["in_flight_end"] == 0
