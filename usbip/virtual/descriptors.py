@@ -17,45 +17,16 @@ from ..protocol.constants import (
     XFER_ISOC,
     Speed,
 )
-
-# USB chapter 9, which the devices built on this framework import from here too
-from ..usb.ch9 import (  # noqa: F401
-    CLEAR_FEATURE,
-    DIR_IN,
+from ..usb.ch9 import (
     DT_BOS,
     DT_CONFIG,
     DT_DEVICE,
     DT_DEVICE_CAPABILITY,
-    DT_DEVICE_QUALIFIER,
     DT_ENDPOINT,
     DT_INTERFACE,
     DT_INTERFACE_ASSOCIATION,
-    DT_OTHER_SPEED_CONFIG,
     DT_SS_ENDPOINT_COMP,
     DT_STRING,
-    FEATURE_ENDPOINT_HALT,
-    FEATURE_REMOTE_WAKEUP,
-    GET_CONFIGURATION,
-    GET_DESCRIPTOR,
-    GET_INTERFACE,
-    GET_STATUS,
-    RECIP_DEVICE,
-    RECIP_ENDPOINT,
-    RECIP_INTERFACE,
-    RECIP_MASK,
-    SET_ADDRESS,
-    SET_CONFIGURATION,
-    SET_DESCRIPTOR,
-    SET_FEATURE,
-    SET_INTERFACE,
-    SET_ISOCH_DELAY,
-    SET_SEL,
-    SETUP_STRUCT,
-    SYNCH_FRAME,
-    TYPE_CLASS,
-    TYPE_MASK,
-    TYPE_STANDARD,
-    TYPE_VENDOR,
 )
 
 _serial_counters: dict[str, itertools.count[int]] = {}
