@@ -23,7 +23,7 @@ import pytest
 from usbip.cli.vhci import attach_command, detach_command, format_ports
 from usbip.client import ReconnectPolicy
 from usbip.server import Server
-from usbip.vhci import persist
+from usbip.vhci import persist, supervisors
 from usbip.vhci.driver import VDEV_ST_NULL, VDEV_ST_USED, VhciError
 from usbip.vhci.imports import attach_device, imported_ports
 from usbip.virtual import LoopbackDevice
@@ -52,12 +52,11 @@ def used(drv: FakeVhci, port: int) -> bool:
 @contextlib.contextmanager
 def dummy_supervisor() -> Iterator[subprocess.Popen[bytes]]:
     """A process that looks like a supervisor to ``usbip detach`` (it has the supervisor's name)."""
-    code = (
-        f"import ctypes, time; ctypes.CDLL(None).prctl(15, {persist.PROCESS_NAME.encode()!r}, 0, 0, 0); time.sleep(60)"
-    )
+    name = supervisors.PROCESS_NAME.encode()
+    code = f"import ctypes, time; ctypes.CDLL(None).prctl(15, {name!r}, 0, 0, 0); time.sleep(60)"
     proc = subprocess.Popen([sys.executable, "-c", code])
     end = time.monotonic() + 10
-    while not persist._is_ours(proc.pid) and time.monotonic() < end:
+    while not supervisors._is_ours(proc.pid) and time.monotonic() < end:
         time.sleep(0.01)
     try:
         yield proc
@@ -299,7 +298,7 @@ def test_spawned_supervisor_reattaches_logs_and_ends_with_detach(drv: FakeVhci, 
     port, rec = asyncio.run(attach_device("127.0.0.1", tcp_port, BUSID, drv))
     pid = persist.spawn(drv, persist.Target("127.0.0.1", tcp_port, BUSID), port, rec.devid, FAST)
     try:
-        assert drv.read_persist(port) == pid and persist._is_ours(pid)
+        assert drv.read_persist(port) == pid and supervisors._is_ours(pid)
         assert os.getsid(pid) != os.getsid(0)  # in a session of its own, away from the terminal
         srv.close()
         assert poll(lambda: free(drv, 0), 5)
@@ -307,7 +306,7 @@ def test_spawned_supervisor_reattaches_logs_and_ends_with_detach(drv: FakeVhci, 
         assert poll(lambda: used(drv, 0), 10), Path(drv.record_dir, "persist.log").read_text()
         assert poll(lambda: srv.sessions() == 1, 5)
         assert detach_command(0, driver=drv) == 0
-        assert poll(lambda: not persist._is_ours(pid) or _zombie(pid), 5)
+        assert poll(lambda: not supervisors._is_ours(pid) or _zombie(pid), 5)
         time.sleep(0.3)
         assert free(drv, 0) and drv.read_persist(0) is None
         assert poll(lambda: srv.sessions() == 0, 5)  # its socket went with it
@@ -348,7 +347,7 @@ def test_tls_import_comes_back_with_a_new_relay(drv: FakeVhci, tmp_path: Path) -
         tcp_port = srv.port
         port, rec = await attach_device("127.0.0.1", tcp_port, BUSID, drv, tls=client, server_hostname="localhost")
         first = drv.read_relay(port)
-        assert first is not None and persist.pid_alive(first)
+        assert first is not None and supervisors.pid_alive(first)
         drv.write_persist(port, os.getpid())
         target = persist.Target("127.0.0.1", tcp_port, BUSID, client, "localhost")
         sup = persist.Supervisor(drv, target, port, rec.devid, FAST, POLL)
@@ -357,12 +356,12 @@ def test_tls_import_comes_back_with_a_new_relay(drv: FakeVhci, tmp_path: Path) -
         try:
             await srv.close()  # the relay sees the TLS connection end and closes vhci's end
             assert await wait_until(lambda: free(drv, 0), 5)
-            assert await wait_until(lambda: not persist.pid_alive(first), 5)
+            assert await wait_until(lambda: not supervisors.pid_alive(first), 5)
             srv = server(tcp_port)
             await srv.start()
             assert await wait_until(lambda: sup.reattached == 1, 10)
             second = drv.read_relay(0)
-            assert second is not None and second != first and persist.pid_alive(second)
+            assert second is not None and second != first and supervisors.pid_alive(second)
             assert await wait_until(lambda: srv.stats()["sessions"] == 1, 5)
         finally:
             sup.stop()
@@ -370,7 +369,7 @@ def test_tls_import_comes_back_with_a_new_relay(drv: FakeVhci, tmp_path: Path) -
             with contextlib.suppress(VhciError):
                 drv.detach(0)
             if second is not None:
-                assert await wait_until(lambda: not persist.pid_alive(second), 5)  # ended with the detach
+                assert await wait_until(lambda: not supervisors.pid_alive(second), 5)  # ended with the detach
                 relay.stop(second)
             await srv.close()
 
@@ -385,14 +384,14 @@ def test_foreground_supervisor_ends_with_a_signal_or_detach(drv: FakeVhci, monke
     # `usbip detach` runs in this process here: it must not signal (or kill) the test itself;
     # a supervisor in another process gets its SIGTERM (the spawned-supervisor test)
     stopped: list[int] = []
-    monkeypatch.setattr(persist, "stop", lambda pid, timeout=0: stopped.append(pid) or True)
+    monkeypatch.setattr(supervisors, "stop", lambda pid, timeout=0: stopped.append(pid) or True)
     srv = ServerThread()
     seen: dict[str, object] = {}
 
     def act() -> None:
         seen["attached"] = poll(lambda: used(drv, 0), 5)
         seen["record"] = drv.read_persist(0)
-        seen["named"] = persist._is_ours(os.getpid())
+        seen["named"] = supervisors._is_ours(os.getpid())
         if ending == "signal":
             os.kill(os.getpid(), signal.SIGTERM)
         else:

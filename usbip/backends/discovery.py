@@ -12,11 +12,10 @@ import os
 from typing import Protocol
 
 from . import sysfs
-from .usbdev import SOURCE_LIBUSB, SOURCE_SYSFS, UsbDevice
+from .sources import AUTO, MODES, SOURCE_LIBUSB, SOURCE_SYSFS
+from .usbdev import UsbDevice
 
 ENV_ENUMERATE = "USBIP_ENUMERATE"
-AUTO = "auto"
-MODES = (AUTO, SOURCE_SYSFS, SOURCE_LIBUSB)
 
 
 class Scanner(Protocol):

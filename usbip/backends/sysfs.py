@@ -17,7 +17,8 @@ import re
 import stat
 
 from ..protocol.constants import Speed
-from .usbdev import DEV_BUS_USB, HUB_CLASS, SOURCE_SYSFS, UsbDevice, busid_for, split_descriptors
+from .sources import SOURCE_SYSFS
+from .usbdev import DEV_BUS_USB, HUB_CLASS, UsbDevice, busid_for, split_descriptors
 
 SYSFS_USB = "/sys/bus/usb/devices"
 BUSID_RE = re.compile(r"^\d+-\d+(\.\d+)*$")  # devices, not root hubs (usbN) or interfaces (1-1:1.0)

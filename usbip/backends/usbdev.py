@@ -14,11 +14,10 @@ from dataclasses import dataclass, field
 from ..errors import CyusbipError
 from ..protocol.constants import Speed
 from ..usb.ch9 import HUB_CLASS
+from .sources import SOURCE_SYSFS
 from .state import DeviceIdentity
 
 DEV_BUS_USB = "/dev/bus/usb"
-SOURCE_SYSFS = "sysfs"
-SOURCE_LIBUSB = "libusb"
 
 
 class EnumerationError(CyusbipError, RuntimeError):

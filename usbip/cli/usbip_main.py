@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
-import ssl
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..net.tls import client_context
 from ..protocol.constants import USBIP_PORT
 from . import exitcodes, sdnotify
 from .capture import add_capture_options
 from .logs import setup_logging
 from .version import version_string
 
+if TYPE_CHECKING:
+    import ssl
+
+# asyncio, ssl and the client are imported by the commands that use them: `usbip port`, `detach`,
+# `bind` and `list -l` start without them (each start of the tool in the kernel-test guest runs
+# under emulation, where every imported module costs)
 log = logging.getLogger("usbip")
 ENUMERATE_HELP = (
     "how local devices are found: sysfs (/sys/bus/usb/devices), libusb (its device list: no sysfs needed) "
@@ -26,7 +29,7 @@ ENUMERATE_HELP = (
 
 
 def _add_enumerate(p: argparse.ArgumentParser) -> None:
-    from ..backends.discovery import MODES
+    from ..backends.sources import MODES
 
     p.add_argument("--enumerate", choices=MODES, default=None, metavar="{" + ",".join(MODES) + "}", help=ENUMERATE_HELP)
 
@@ -46,6 +49,10 @@ def tls_from_args(args: argparse.Namespace) -> ssl.SSLContext | None:
         return None
     if args.tls_key and not args.tls_cert:
         raise ValueError("--tls-key needs --tls-cert")
+    import ssl
+
+    from ..net.tls import client_context
+
     try:
         return client_context(args.tls_ca, args.tls_cert, args.tls_key)
     except (OSError, ssl.SSLError) as exc:
@@ -175,6 +182,8 @@ def _list_discovered(args: argparse.Namespace) -> int:
     if not 0 < args.seconds <= 60:
         log.error("--seconds must be within 0..60")
         return exitcodes.USAGE
+    import asyncio
+
     try:
         found = asyncio.run(discover(args.seconds))
     except OSError as exc:
@@ -195,13 +204,15 @@ def _list_discovered(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from ..client import Disconnected, TlsFailed, UsbipError
-    from ..client.errors import Timeout
-    from ..protocol import ProtocolError
-
     if args.discover:
         return _list_discovered(args)
     if args.remote:
+        import asyncio
+
+        from ..client import Disconnected, TlsFailed, UsbipError
+        from ..client.errors import Timeout
+        from ..protocol import ProtocolError
+
         try:
             records = asyncio.run(_list_remote(args.remote, args.tcp_port, args.tls_context, args.tls_server_name))
         except TlsFailed as exc:

@@ -15,8 +15,8 @@ import sys
 import tempfile
 from typing import TYPE_CHECKING
 
-from ..backends.discovery import MODES
 from ..backends.discovery import resolve as resolve_enumeration
+from ..backends.sources import MODES
 from ..capture import CaptureFile
 from ..net.tls import server_context
 from ..protocol.constants import USBIP_PORT

@@ -3,18 +3,21 @@ their exit codes)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
-import ssl
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from ..protocol import DeviceRecord
-from ..vhci import persist as persist_mod
 from ..vhci.driver import SPEED_TEXT, VhciDriver, VhciError
 from ..vhci.imports import ImportedPort, attach_device, detach, imported_ports
 from . import exitcodes
+
+if TYPE_CHECKING:  # attach imports asyncio, the client and the supervisor; port and detach do not
+    import ssl
+
+    from ..protocol import DeviceRecord
+    from ..vhci import persist as persist_mod
 
 log = logging.getLogger("usbip")
 
@@ -36,6 +39,10 @@ def attach_command(
     (usbip/vhci/persist.py) once the first import went through; with ``foreground`` too, this
     process is the supervisor (``on_ready`` is called once the import is attached) and returns
     when it ends, detaching the device if a signal ended it."""
+    import asyncio
+
+    from ..vhci import persist as persist_mod
+
     try:
         drv = driver or VhciDriver()
         port, record = asyncio.run(
@@ -67,6 +74,8 @@ def attach_command(
 def _supervise_here(
     drv: VhciDriver, target: persist_mod.Target, port: int, record: DeviceRecord, on_ready: Callable[[], object] | None
 ) -> int:
+    from ..vhci import persist as persist_mod
+
     log.info("port %d: persistent import, supervised by this process (pid %d)", port, os.getpid())
     try:
         why, port, signalled = persist_mod.run_foreground(drv, target, port, record.devid, on_ready=on_ready)

@@ -8,39 +8,16 @@ missing or ``USBIP_NO_EXTENSIONS=1`` is set.
 from __future__ import annotations
 
 from .._env import FORCED_PURE, warn_fallback
-from .pump import (  # the constants and the TLS protocol are the same in both
-    ADMIT_THRESHOLD,
-    HANGUP_CHECK_INTERVAL,
-    IOV_MAX,
-    PAUSED_ADMIT,
-    PAUSED_CONSUMER,
-    PAUSED_OUTPUT,
-    READS_PER_WAKEUP,
-    TLS_DIRECT_WRITE,
-    TLS_OUT_CHUNK,
-    TlsSession,
-)
 
 if FORCED_PURE:
-    from .pump import IMPLEMENTATION, Stream
+    from .pump import IMPLEMENTATION, Stream, TlsSession
 else:
     try:
-        from ._pump import IMPLEMENTATION, Stream
+        from ._pump import IMPLEMENTATION, Stream, TlsSession
     except ImportError as exc:  # pragma: no cover - depends on the build
         warn_fallback(exc)
-        from .pump import IMPLEMENTATION, Stream
+        from .pump import IMPLEMENTATION, Stream, TlsSession
 
-__all__ = [
-    "ADMIT_THRESHOLD",
-    "HANGUP_CHECK_INTERVAL",
-    "IMPLEMENTATION",
-    "IOV_MAX",
-    "PAUSED_ADMIT",
-    "PAUSED_CONSUMER",
-    "PAUSED_OUTPUT",
-    "READS_PER_WAKEUP",
-    "TLS_DIRECT_WRITE",
-    "TLS_OUT_CHUNK",
-    "Stream",
-    "TlsSession",
-]
+# the pump's tuning constants (READS_PER_WAKEUP, IOV_MAX, ...) live in pump.py; the compiled
+# module keeps them as C constants, so they are read from there, not re-exported here
+__all__ = ["IMPLEMENTATION", "Stream", "TlsSession"]

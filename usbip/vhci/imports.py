@@ -9,19 +9,20 @@ import errno
 import logging
 import os
 import socket
-import ssl
 import time
 from collections.abc import Collection, Iterator
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
-from ..client import Connection
-from ..client.connection import Channel
-from ..net.tls import TlsChannel
-from ..protocol import DeviceRecord
-from . import persist as persist_mod
-from . import relay
+from . import relay, supervisors
 from .driver import STATUS_TEXT, ImportRecord, VhciDriver, VhciError, VhciPort
-from .persist import pid_alive
+from .supervisors import pid_alive
+
+if TYPE_CHECKING:  # the client is imported by attach only: `usbip port` and `detach` start without it
+    import ssl
+
+    from ..client.connection import Channel
+    from ..protocol import DeviceRecord
 
 log = logging.getLogger("usbip")
 SYSFS_USB = "/sys/bus/usb/devices"
@@ -67,6 +68,8 @@ async def attach_device(
                 f"vhci port {port} is kept for a persistent import being re-attached (supervisor pid {kept[port]}); "
                 f"`usbip detach -p {port}` ends it",
             )
+    from ..client import Connection
+
     channel, record = await Connection(host, tcp_port, tls=tls, server_hostname=server_hostname).import_channel(busid)
     sock, relay_pid = local_socket(channel, drv)
     attached = False
@@ -89,6 +92,8 @@ def local_socket(channel: Channel, drv: VhciDriver) -> tuple[socket.socket, int 
     """The socket to give vhci-hcd for an imported ``channel`` and the pid of its TLS relay:
     plain TCP, the channel's own socket (no relay); TLS, one end of a local pair whose other
     end a relay process carries through the session (the channel belongs to the relay then)."""
+    from ..net.tls import TlsChannel
+
     if isinstance(channel, TlsChannel):
         return relay.start(channel, _relay_log(drv))
     return channel.sock, None
@@ -271,7 +276,7 @@ def _records_lock(drv: VhciDriver, port: int) -> Iterator[None]:
     """``persist.lock`` if it can be had (a detach by root without persistent imports works without)."""
     entered = False
     try:
-        with drv.lock(persist_mod.LOCK_TIMEOUT):
+        with drv.lock(supervisors.LOCK_TIMEOUT):
             entered = True
             yield
     except VhciError as exc:
@@ -310,7 +315,7 @@ def detach(port: int, driver: VhciDriver | None = None) -> Detached:
         if p.in_use:
             drv.detach(port)
     if supervisor is not None:
-        persist_mod.stop(supervisor)
+        supervisors.stop(supervisor)
     if relay_pid is not None:
         if p.in_use:
             _end_relay(relay_pid)

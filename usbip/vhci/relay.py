@@ -29,8 +29,10 @@ import signal
 import socket
 import ssl
 import traceback
+from typing import TYPE_CHECKING
 
-from ..net.tls import TlsChannel
+if TYPE_CHECKING:
+    from ..net.tls import TlsChannel
 
 log = logging.getLogger(__name__)
 

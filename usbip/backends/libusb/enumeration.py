@@ -45,7 +45,8 @@ from typing import Any
 
 from ...protocol.constants import Speed
 from .. import usbfs
-from ..usbdev import HUB_CLASS, SOURCE_LIBUSB, EnumerationError, UsbDevice, busid_for, usbfs_node
+from ..sources import SOURCE_LIBUSB
+from ..usbdev import HUB_CLASS, EnumerationError, UsbDevice, busid_for, usbfs_node
 from .mapping import speed_from_libusb
 
 log = logging.getLogger(__name__)

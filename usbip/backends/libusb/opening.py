@@ -18,8 +18,9 @@ import logging
 import os
 from typing import Any
 
+from ..sources import SOURCE_LIBUSB
 from ..sysfs import SYSFS_USB, open_node
-from ..usbdev import SOURCE_LIBUSB, UsbDevice
+from ..usbdev import UsbDevice
 from .enumeration import find_device
 
 log = logging.getLogger(__name__)
