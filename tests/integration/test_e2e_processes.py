@@ -405,7 +405,7 @@ def test_uvloop_serves_the_loopback(tmp_path: Path) -> None:
                 assert len(await lb.control_transfer(0x80, 6, 0x0100, 0, 18)) == 18
                 await lb.close()
 
-        run(body())
+        run(body)
     finally:
         rc = daemon.stop()
     assert rc == 0, f"usbipd exited with {rc} on SIGTERM:\n{daemon.log}"
