@@ -47,9 +47,14 @@ extensions = cythonize(
         ext(
             "usbip.server._urbsession",
             "usbip/server/urbsession.py",
-            ("usbip/server/_urbsession.pxd", "usbip/protocol/_codec.pxd", "usbip/pool/_buffers.pxd"),
+            (
+                "usbip/server/_urbsession.pxd",
+                "usbip/protocol/_codec.pxd",
+                "usbip/pool/_buffers.pxd",
+                "usbip/net/_pump.pxd",
+            ),
         ),
-        ext("usbip.net._pump", "usbip/net/pump.py", ("usbip/net/_pump.pxd",)),
+        ext("usbip.net._pump", "usbip/net/pump.py", ("usbip/net/_pump.pxd", "usbip/net/_sock.pxd")),
         ext("usbip.pool._buffers", "usbip/pool/_buffers.pyx", ("usbip/pool/_buffers.pxd",)),
     ],
     compiler_directives={"language_level": "3", "annotation_typing": False, "warn.unreachable": False},

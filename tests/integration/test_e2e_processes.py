@@ -384,3 +384,28 @@ def test_daemonize_writes_pid_file(tmp_path: Path) -> None:
     finally:
         if pid and _alive(pid):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_uvloop_serves_the_loopback(tmp_path: Path) -> None:
+    pytest.importorskip("uvloop")
+    port = free_port()
+    daemon = Daemon(["--loop", "uvloop", "--no-libusb", "--virtual", "loopback"], port, tmp_path / "usbipd.log")
+    try:
+
+        async def body() -> None:
+            async with connect("127.0.0.1", port, timeout=5) as conn:
+                lb = await conn.import_device("100-1")
+                payloads = [bytes([i]) * (i * 37) for i in range(32)]
+                for p in payloads:
+                    assert await lb.bulk_transfer(0x02, p) == len(p)
+                urbs = [lb.submit(0x82, 4096) for _ in payloads] + [lb.submit(0x81, 512) for _ in range(32)]
+                results = await asyncio.wait_for(asyncio.gather(*(u.wait() for u in urbs)), 10)
+                assert [bytes(r.data or b"") for r in results[:32]] == payloads
+                assert all(bytes(r.data or b"") == bytes(512) for r in results[32:])
+                assert len(await lb.control_transfer(0x80, 6, 0x0100, 0, 18)) == 18
+                await lb.close()
+
+        run(body)
+    finally:
+        rc = daemon.stop()
+    assert rc == 0, f"usbipd exited with {rc} on SIGTERM:\n{daemon.log}"

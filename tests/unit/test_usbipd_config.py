@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -69,3 +70,11 @@ def test_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     with pytest.raises(SystemExit) as exc:
         config.parse_args(build_parser(), ["--config", str(tmp_path / "nope.toml")])
     assert exc.value.code == 2 and "cannot read the configuration file" in capsys.readouterr().err
+
+
+def test_loop_uvloop_without_uvloop_exits_2(monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]) -> None:
+    from usbip.cli import exitcodes, usbipd_main
+
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop raises ImportError
+    assert usbipd_main.main(["--loop", "uvloop", "--no-libusb", "--no-announce"]) == exitcodes.USAGE
+    assert "cyusbip[uvloop]" in capfd.readouterr().err

@@ -193,10 +193,14 @@ def test_source_with_server_pool_buffers(pattern):
     dev = make(pattern=pattern)
     pool = BufferPool()
     for n in (512, 20000):
-        buf = pool.acquire(n)
-        memoryview(buf)[:n] = b"\xa5" * n  # pooled buffers come back dirty
-        urb = Urb(1, 1, 1, n, buf)
-        dev.submit(urb)
-        assert urb.status == 0 and urb.actual_length == n
-        assert bytes(memoryview(buf)[:n]) == (bytes(n) if pattern == 0 else pattern_bytes(512, n))
-        pool.release(buf)
+        # the server hands each IN URB a buffer fresh from the pool, zeroed: the zero source
+        # leaves it as it is; any other buffer (here one left dirty) is written
+        pooled = pool.acquire(n)
+        for buf in (pooled, bytearray(b"\xa5" * n)):
+            if pattern == 1:
+                memoryview(buf)[:n] = b"\xa5" * n
+            urb = Urb(1, 1, 1, n, buf)
+            dev.submit(urb)
+            assert urb.status == 0 and urb.actual_length == n
+            assert bytes(memoryview(buf)[:n]) == (bytes(n) if pattern == 0 else pattern_bytes(512, n))
+        pool.release(pooled)

@@ -13,7 +13,8 @@ import socket
 import ssl
 import sys
 import tempfile
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
 from ..backends.discovery import resolve as resolve_enumeration
 from ..backends.sources import MODES
@@ -122,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="serve Prometheus metrics (/metrics) and a JSON status (/status) over HTTP there "
         "(needs prometheus-client: pip install 'cyusbip[metrics]')",
+    )
+    p.add_argument(
+        "--loop",
+        choices=("asyncio", "uvloop"),
+        default="asyncio",
+        help="the event loop: asyncio's own (default) or uvloop, which costs less CPU per control round trip "
+        "(needs uvloop: pip install 'cyusbip[uvloop]')",
     )
     p.add_argument(
         "--no-announce", action="store_true", help="do not announce the server on the LAN (mDNS _usbip._tcp)"
@@ -380,8 +388,16 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as exc:
             log.error("cannot write pid file %s: %s", args.pid, exc)
             return exitcodes.FAILURE
+    run: Callable[[Coroutine[Any, Any, int]], int] = asyncio.run
+    if args.loop == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            log.error("--loop uvloop needs uvloop: pip install 'cyusbip[uvloop]'")
+            return exitcodes.USAGE
+        run = uvloop.run
     try:
-        return asyncio.run(_run(args))
+        return run(_run(args))
     finally:
         if args.pid:
             try:

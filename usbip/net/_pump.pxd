@@ -51,7 +51,7 @@ cdef class Stream:
     cpdef flush(self)
     @cython.locals(nbytes=Py_ssize_t, produced=Py_ssize_t, plain=list, run=list)
     cdef _encrypt(self)
-    @cython.locals(out=list, progress=bint, batch=list, sent=Py_ssize_t, pos=Py_ssize_t, size=Py_ssize_t)
+    @cython.locals(out=list, progress=bint, end=Py_ssize_t, sent=Py_ssize_t, pos=Py_ssize_t, size=Py_ssize_t)
     cpdef _send(self)
     cdef _stop(self)
     cpdef Py_ssize_t queued_bytes(self)

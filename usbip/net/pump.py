@@ -31,6 +31,9 @@ from typing import Any, Protocol
 
 from ..protocol import ProtocolError
 
+if cython.compiled:  # one sendmsg(2) of the queued buffers in C (socket.sendmsg parses each one)
+    from cython.cimports.usbip.net._sock import send_buffers  # type: ignore[import-not-found,unused-ignore]
+
 log = logging.getLogger("usbip.net.stream")  # the public module's name, whichever build runs
 
 IMPLEMENTATION = "cython" if cython.compiled else "python"
@@ -382,9 +385,14 @@ class Stream:
         out = self._out
         progress = False
         while self._out_pos < len(out):
-            batch = out[self._out_pos : self._out_pos + IOV_MAX]
+            end = min(len(out), self._out_pos + IOV_MAX)
             try:
-                sent = self.sock.sendmsg(batch)
+                if cython.compiled:
+                    sent = send_buffers(self._fd, out, self._out_pos, end)
+                    if sent < 0:  # would block, or interrupted
+                        break
+                else:
+                    sent = self.sock.sendmsg(out[self._out_pos : end])
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:

@@ -114,7 +114,9 @@ cdef class BufferPool:
             return
         if self.cached_bytes + buf.capacity > self.max_cached_bytes:
             return
-        free_list = self._free.setdefault(buf.capacity, [])
+        free_list = self._free.get(buf.capacity)
+        if free_list is None:  # (not setdefault: no empty list made and dropped per buffer)
+            free_list = self._free[buf.capacity] = []
         if len(free_list) < self.max_free:
             free_list.append(buf)
             self.cached_bytes += buf.capacity

@@ -14,6 +14,7 @@ from usbip.protocol cimport _codec
 # the codec's hot functions as C calls (these cimports take over the names urbsession.py imports)
 from usbip.protocol._codec cimport CmdSubmit, pack_ret_unlink, ret_submit_header, urb_from_submit
 from usbip.pool._buffers cimport BufferPool as _CPool
+from usbip.net._pump cimport Stream as _CStream
 
 # numbers imported from constants.py / usb.ch9, as C values
 cdef Py_ssize_t HEADER_SIZE, ISO_DESC_SIZE
@@ -50,10 +51,13 @@ cdef class UrbSession:
     cdef public object capture, _on_complete
     cdef Py_ssize_t _max_pending
     cdef _CPool _cpool  # ``pool`` when it is the compiled pool, else None
+    cdef _CStream _stream  # the compiled Stream whose write is ``send``, else None
+    cdef list _table  # the device's submit_table, else None
 
     @cython.locals(msg=object, sub=CmdSubmit, devid=uint32_t)
     cpdef handle(self, list messages)
     cdef _foreign(self, uint32_t devid)
+    cdef Py_ssize_t _queued_bytes(self) except -1
     @cython.locals(queued=Py_ssize_t)
     cdef bint _fits(self, Py_ssize_t cost) except -1
     @cython.locals(seqnum=uint32_t)
@@ -65,7 +69,7 @@ cdef class UrbSession:
     cdef tuple _endpoint(self, uint32_t ep, uint32_t direction)
     cpdef invalidate_endpoints(self)
     @cython.locals(seqnum=uint32_t, pending=dict, ep=uint32_t, direction=uint32_t, tbl=int32_t,
-                   urb=_codec.Urb, allowed=uint32_t, status=int32_t, cpool=_CPool)
+                   urb=_codec.Urb, allowed=uint32_t, status=int32_t, cpool=_CPool, table=list)
     cdef _submit(self, _codec.CmdSubmit msg)
     @cython.locals(target=uint32_t, urb=_codec.Urb, held=_codec.CmdSubmit)
     cdef _unlink(self, _codec.CmdUnlink msg)
@@ -73,6 +77,7 @@ cdef class UrbSession:
     cdef bint _settle_early_unlinks(self, uint32_t seqnum) except -1
     @cython.locals(hdr=bytearray)
     cdef _send_ret_unlink(self, uint32_t seqnum, int32_t status)
+    cdef _send(self, list parts, Py_ssize_t nbytes)
     cdef _refuse(self, _codec.Urb urb, int32_t status)
     cpdef _completed_captured(self, _codec.Urb urb)
     @cython.locals(pending=dict, is_in=bint, setup=object, cpool=_CPool)

@@ -83,6 +83,7 @@ if not cython.compiled:  # compiled, _urbsession.pxd cimports them: the codec's 
     from ..protocol import CmdSubmit, pack_ret_unlink, ret_submit_header, urb_from_submit
 
     _CPool: Any = None  # compiled: the compiled pool's C class (its acquire/release are C calls)
+    _CStream: Any = None  # compiled: the compiled pump's C class (its write and byte count: C calls)
 
 if TYPE_CHECKING:
     from ..capture import UrbCapture
@@ -160,6 +161,21 @@ class UrbSession:
         self.devid = device.devid if devid is None else devid
         self.send = send
         self.pool = pool
+        # the compiled session writing to the compiled Stream (send=stream.write, queued=stream.queued_bytes)
+        # calls its write and reads its byte count in C; anything else goes through the callbacks
+        stream: Any = getattr(send, "__self__", None)
+        if not (
+            cython.compiled
+            and type(stream) is _CStream
+            and send == stream.write
+            and queued is not None
+            and queued == stream.queued_bytes
+        ):
+            stream = None
+        self._stream = stream
+        # the device's per-endpoint entry points (Device.submit_table), resolved once per import
+        table = getattr(device, "submit_table", None)
+        self._table = table() if table is not None else None
         # the compiled session holding the compiled pool calls it directly; else through ``pool``
         self._cpool = pool if cython.compiled and type(pool) is _CPool else None
         self.limits = limits = limits or ServerLimits()
@@ -216,16 +232,20 @@ class UrbSession:
     @property
     def held_bytes(self) -> int:
         """What this connection holds now: URB buffers in flight, backlogged payloads, unsent replies."""
-        return self.pending_bytes + self._queued() + self.backlog_bytes
+        return self.pending_bytes + self._queued_bytes() + self.backlog_bytes
+
+    def _queued_bytes(self) -> int:
+        stream = self._stream
+        return stream._out_bytes if stream is not None else self._queued()
 
     def _fits(self, cost: int) -> bool:
         # an URB larger than half the budget (up to max_transfer) runs once at most half is held
-        queued = self._queued()
+        queued = self._queued_bytes()
         return self.pending_bytes + queued + min(cost, self.budget >> 1) <= self.budget
 
     def admit(self, body: int) -> bool:
         """May the decoder allocate a ``body``-byte OUT payload now? (Stream asks before reading it.)"""
-        held = self.pending_bytes + self._queued() + self.backlog_bytes
+        held = self.pending_bytes + self._queued_bytes() + self.backlog_bytes
         ok = held + min(body, self.budget >> 1) <= self.budget
         self.admission_waiting = not ok
         return ok
@@ -357,8 +377,12 @@ class UrbSession:
                 log.exception("device %s failed to reset", self.device.busid)
             urb.complete(0, 0)
             return
+        table = self._table
         try:
-            self.device.submit(urb)
+            if table is not None:
+                table[ep | direction << 4](urb)  # ep <= 15, direction <= 1: checked by _endpoint
+            else:
+                self.device.submit(urb)
         except Exception:
             log.exception("device %s failed on %r", self.device.busid, urb)
             self._refuse(urb, EINVAL)
@@ -418,7 +442,14 @@ class UrbSession:
     def _send_ret_unlink(self, seqnum: int, status: int) -> None:
         hdr = bytearray(HEADER_SIZE)
         pack_ret_unlink(hdr, 0, seqnum, status)
-        self.send([hdr], HEADER_SIZE)
+        self._send([hdr], HEADER_SIZE)
+
+    def _send(self, parts: list[Any], nbytes: int) -> None:
+        stream = self._stream
+        if stream is not None:
+            stream.write(parts, nbytes)
+        else:
+            self.send(parts, nbytes)
 
     def _refuse(self, urb: Urb, status: int) -> None:
         """Complete ``urb`` with ``status`` without handing it to the device (a capture shows E)."""
@@ -469,9 +500,9 @@ class UrbSession:
                 view = memoryview(urb.buffer)
                 if actual < len(view):
                     view = view[:actual]  # a full buffer (the common case) goes as it is: no second view
-                self.send([hdr, view], HEADER_SIZE + actual)
+                self._send([hdr, view], HEADER_SIZE + actual)
             else:
-                self.send([hdr], HEADER_SIZE)
+                self._send([hdr], HEADER_SIZE)
             return
         # isochronous: actual_length is the sum of the packets' actual lengths (usbip_recv_iso checks it)
         n = len(iso)
@@ -488,7 +519,7 @@ class UrbSession:
         else:
             total = 0
         parts.append(descs)
-        self.send(parts, HEADER_SIZE + total + len(descs))
+        self._send(parts, HEADER_SIZE + total + len(descs))
 
     # ------------------------------------------------------------ teardown
     async def shutdown(self, timeout: float = 5.0) -> None:

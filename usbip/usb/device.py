@@ -4,7 +4,8 @@ The server owns the wire; a device only sees :class:`Urb` objects (they live wit
 the codec in ``usbip.protocol``, compiled with it). A device completes each URB
 exactly once by calling :meth:`Urb.complete` (synchronously inside
 :meth:`Device.submit` or later, from the event loop thread). A cancelled URB is
-completed with ``-ECONNRESET`` (or its real result if it finished first).
+completed with ``-ECONNRESET`` (or its real result if it finished first). The server gives
+each IN URB a buffer fresh from its pool (``usbip.pool``), which hands buffers out zeroed.
 Virtual devices (``usbip.virtual``) and the libusb backend plug in the same way.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+from collections.abc import Callable
 
 from ..protocol import Urb
 from ..protocol.constants import Speed
@@ -104,6 +106,16 @@ class Device(abc.ABC):
     @abc.abstractmethod
     def submit(self, urb: Urb) -> None:
         """Start ``urb``; complete it (now or later) with ``urb.complete(...)``."""
+
+    def submit_table(self) -> list[Callable[[Urb], None]] | None:
+        """An optional fast path of :meth:`submit`, or None (the default: the server calls submit).
+
+        A list of 32 callables, entry ``ep | direction << 4`` doing what ``submit(urb)`` does for an
+        URB of that endpoint (endpoint 0: both entries). The device keeps the list up to date in
+        place (halts, configurations) and never replaces it, so the server asks for it once per
+        import and calls the entry of each URB directly.
+        """
+        return None
 
     @abc.abstractmethod
     def cancel(self, urb: Urb) -> None:

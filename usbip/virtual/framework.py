@@ -147,6 +147,8 @@ class VirtualDevice(Device):
         self.remote_wakeup = False
         self._strings: list[str] = []
         self._handlers: dict[tuple[int, int], Callable[[Urb], None]] = {}
+        # entry ep | direction << 4: the handler of each endpoint, endpoint 0 included; changed in
+        # place only (halts, _rebuild), so it can serve as Device.submit_table
         self._dispatch: list[Callable[[Urb], None]] = [no_endpoint] * 32
         self._active: dict[tuple[int, int], Endpoint] = {}
         self._halted: set[tuple[int, int]] = set()
@@ -256,11 +258,13 @@ class VirtualDevice(Device):
         return None
 
     def submit(self, urb: Urb) -> None:
-        ep = urb.ep
-        if ep:
-            self._dispatch[ep | (urb.direction << 4)](urb)
-        else:
-            self._control(urb)
+        self._dispatch[urb.ep | (urb.direction << 4)](urb)
+
+    def submit_table(self) -> list[Callable[[Urb], None]] | None:
+        # submit() replaced (by a subclass, or on the instance): every URB goes through it
+        if type(self).submit is not VirtualDevice.submit or "submit" in self.__dict__:
+            return None
+        return self._dispatch
 
     def cancel(self, urb: Urb) -> None:
         if urb.done:
@@ -402,13 +406,14 @@ class VirtualDevice(Device):
         self._active = active
         self._halted &= set(active)
         table: list[Callable[[Urb], None]] = [no_endpoint] * 32
+        table[0] = table[16] = self._control
         for key in active:
             ep, d = key
             if key in self._halted:
                 table[ep | (d << 4)] = stall
             else:
                 table[ep | (d << 4)] = self._handlers.get(key, no_endpoint)
-        self._dispatch = table
+        self._dispatch[:] = table
         for ep, d in old - set(active):
             self.abort_endpoint(ep, d, ESHUTDOWN)
 
