@@ -334,7 +334,7 @@ class UrbSession:
             log.debug("seqnum %d: iso descriptors do not match endpoint type %d", seqnum, xfer)
             self._refuse(urb, EINVAL)
             return
-        if urb.iso is not None and sum(p[1] for p in urb.iso.tolist()) > tbl:
+        if urb.iso is not None and urb.iso.total_length() > tbl:
             # packets each inside the buffer but overlapping: their actual lengths could add up to
             # more than the buffer, a RET_SUBMIT no client accepts (found by fuzz_session)
             log.debug("seqnum %d: iso packets add up to more than the %d-byte buffer", seqnum, tbl)
@@ -477,18 +477,12 @@ class UrbSession:
         n = len(iso)
         total = iso.total_actual()
         hdr = ret_submit_header(urb, total, n, iso.error_count())
-        descs = bytearray(n * ISO_DESC_SIZE)
-        iso.pack_into(descs, 0)
-        parts: list[Any] = [hdr]
+        descs = iso.to_bytes()
         if is_in and total:
-            view = memoryview(urb.buffer)
-            for off, _length, act, _status in iso.tolist():
-                if act:
-                    parts.append(view[off : off + act])
+            # the packets' data back to back: a view of the buffer when they already lie so
+            self.send([hdr, iso.payload(urb.buffer), descs], HEADER_SIZE + total + n * ISO_DESC_SIZE)
         else:
-            total = 0
-        parts.append(descs)
-        self.send(parts, HEADER_SIZE + total + len(descs))
+            self.send([hdr, descs], HEADER_SIZE + n * ISO_DESC_SIZE)
 
     # ------------------------------------------------------------ teardown
     async def shutdown(self, timeout: float = 5.0) -> None:
