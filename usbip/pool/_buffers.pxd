@@ -9,6 +9,7 @@ cdef class PoolBuffer:
     cdef readonly Py_ssize_t capacity
     cdef int exports
     cdef bint released
+    cdef bint zeroed  # every byte is zero: no view was taken since the last memset (or calloc)
     cdef BufferPool pool
 
 

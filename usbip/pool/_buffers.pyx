@@ -25,6 +25,7 @@ cdef class PoolBuffer:  # attributes: _buffers.pxd
             raise MemoryError()
         self.capacity = capacity
         self.size = capacity
+        self.zeroed = True
 
     def __dealloc__(self):
         free(self.data)
@@ -32,6 +33,7 @@ cdef class PoolBuffer:  # attributes: _buffers.pxd
     def __getbuffer__(self, Py_buffer *view, int flags):
         PyBuffer_FillInfo(view, self, self.data, self.size, 0, flags)
         self.exports += 1
+        self.zeroed = False  # whoever holds a view may write through it
 
     def __releasebuffer__(self, Py_buffer *view):
         self.exports -= 1
@@ -46,7 +48,11 @@ cdef class PoolBuffer:  # attributes: _buffers.pxd
         return not self.released
 
     def clear(self):
-        memset(self.data, 0, self.size)
+        """Zero the buffer: a memset, unless no view of it was taken since it was last zeroed
+        (by ``acquire`` or here), views being the only way to write into it."""
+        if not self.zeroed:
+            memset(self.data, 0, self.size)
+            self.zeroed = self.exports == 0
 
 
 cdef class BufferPool:
@@ -76,6 +82,7 @@ cdef class BufferPool:
             buf = free_list.pop()
             self.cached_bytes -= cap
             memset(buf.data, 0, size)
+            buf.zeroed = True  # recycled only once no view was left (exports == 0)
         else:
             buf = PoolBuffer(cap)
         buf.size = size
