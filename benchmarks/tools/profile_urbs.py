@@ -7,9 +7,10 @@ loadgen's part on the other end from this thread: ``K`` CMD_SUBMITs per batch, e
 back before the next batch. The server's work of a batch is one call of ``Stream._on_readable``
 (read, decode, submit, device, RET_SUBMIT, sendmsg), the function to count instructions in::
 
-    valgrind --tool=callgrind --toggle-collect='*Stream*_on_readable*' \\
+    valgrind --tool=callgrind --toggle-collect='__pyx_f_5usbip_3net_5_pump_6Stream__on_readable' \\
         python -m benchmarks.tools.profile_urbs iso-in --batches 2000
 
+(the compiled pump's C function: memset/memcpy count about one instruction per byte there).
 CASE: ``iso-in`` (8 packets x 1 KiB, the e2e benchmark's iso case), ``bulk-in:SIZE`` or
 ``bulk-out:SIZE``. The event loop's wake-ups are not part of it (a real server adds one per read).
 """

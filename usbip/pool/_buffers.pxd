@@ -9,7 +9,7 @@ cdef class PoolBuffer:
     cdef readonly Py_ssize_t capacity
     cdef int exports
     cdef bint released
-    cdef bint zeroed  # every byte is zero: no view was taken since the last memset (or calloc)
+    cdef Py_ssize_t dirty  # bytes from the start that may be non-zero (a writable view was taken)
     cdef BufferPool pool
 
 
@@ -22,6 +22,7 @@ cdef class BufferPool:
     cdef readonly Py_ssize_t cached_bytes
 
     cpdef PoolBuffer acquire(self, Py_ssize_t size)
+    cpdef object view(self, object buf, Py_ssize_t n)
     cpdef release(self, PoolBuffer buf)
     cpdef abandon(self, PoolBuffer buf)
     cdef _recycle(self, PoolBuffer buf)

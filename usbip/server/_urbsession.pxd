@@ -78,5 +78,5 @@ cdef class UrbSession:
     @cython.locals(pending=dict, is_in=bint, setup=object, cpool=_CPool)
     cpdef _completed(self, _codec.Urb urb)
     @cython.locals(actual=int32_t, hdr=bytearray, view=object, n=Py_ssize_t, total=int64_t, descs=bytes,
-                   iso=_codec.IsoPackets)
+                   iso=_codec.IsoPackets, cpool=_CPool)
     cdef _send_ret_submit(self, _codec.Urb urb, bint is_in)

@@ -466,9 +466,13 @@ class UrbSession:
                 actual = max(0, min(actual, urb.transfer_buffer_length))
             hdr = ret_submit_header(urb, actual, urb.number_of_packets, 0)
             if is_in and actual:
-                view = memoryview(urb.buffer)
-                if actual < len(view):
-                    view = view[:actual]  # a full buffer (the common case) goes as it is: no second view
+                cpool = self._cpool
+                if cpool is not None:  # read-only: sending the buffer is not writing it (no zeroing again)
+                    view = cpool.view(urb.buffer, actual)
+                else:
+                    view = memoryview(urb.buffer)
+                    if actual < len(view):
+                        view = view[:actual]  # a full buffer (the common case) goes as it is: no second view
                 self.send([hdr, view], HEADER_SIZE + actual)
             else:
                 self.send([hdr], HEADER_SIZE)
