@@ -483,8 +483,10 @@ class UrbSession:
         hdr = ret_submit_header(urb, total, n, iso.error_count())
         descs = iso.to_bytes()
         if is_in and total:
-            # the packets' data back to back: a view of the buffer when they already lie so
-            self.send([hdr, iso.payload(urb.buffer), descs], HEADER_SIZE + total + n * ISO_DESC_SIZE)
+            # the packets' data back to back: a view of the buffer when they already lie so (read-only
+            # from the compiled pool: sending is not writing)
+            buf = urb.buffer if self._cpool is None else self._cpool.view(urb.buffer, len(urb.buffer))
+            self.send([hdr, iso.payload(buf), descs], HEADER_SIZE + total + n * ISO_DESC_SIZE)
         else:
             self.send([hdr, descs], HEADER_SIZE + n * ISO_DESC_SIZE)
 

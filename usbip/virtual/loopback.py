@@ -190,6 +190,7 @@ class LoopbackDevice(VirtualDevice):
 
     def _make_iso_source(self, max_packet: int):
         src = _ZMV[:max_packet] if self.pattern == 0 else memoryview(pattern_bytes(max_packet))[:max_packet]
+        fast = _FastBuffer if self.pattern == 0 else None
 
         def iso_source(urb: Urb) -> None:
             # each packet gets min(length, max_packet) bytes of the pattern, counted from its start
@@ -198,7 +199,11 @@ class LoopbackDevice(VirtualDevice):
                 urb.complete(EOVERFLOW, 0)
                 return
             total = iso.set_results(urb.transfer_buffer_length, max_packet)
-            iso.fill(urb.buffer, src)
+            buf = urb.buffer
+            if type(buf) is fast:
+                buf.clear()  # type: ignore[union-attr]  # pattern 0 everywhere (no memset if still zero)
+            else:
+                iso.fill(buf, src)
             urb.error_count = iso.error_count()
             urb.complete(0, total)
 
