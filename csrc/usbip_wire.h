@@ -129,4 +129,85 @@ static inline int usbip_iso_spread(unsigned char *buf, uint64_t buflen, uint64_t
     return 0;
 }
 
+/* Sum of the packets' lengths (what the device is asked to move). */
+static inline uint64_t usbip_iso_total_length(const unsigned char *d, int n)
+{
+    uint64_t sum = 0;
+    for (int i = 0; i < n; i++)
+        sum += USBIP_ISO_LENGTH(d, i);
+    return sum;
+}
+
+/*
+ * Every packet's result as a device that moves at most max_packet bytes a packet sets it:
+ * a packet inside a buffer of buflen bytes gets actual_length min(length, max_packet) (clamp)
+ * and status 0, or, without clamp, overflow when length > max_packet; a packet outside the
+ * buffer gets actual_length 0 and status overflow. Returns the sum of the actual lengths.
+ */
+static inline uint64_t usbip_iso_set_results(unsigned char *d, int n, uint64_t buflen, uint32_t max_packet,
+                                             int clamp, int32_t overflow)
+{
+    uint64_t total = 0;
+    for (int i = 0; i < n; i++) {
+        unsigned char *p = d + USBIP_ISO_DESC_SIZE * i;
+        uint64_t off = usbip_get_be32(p);
+        uint32_t len = usbip_get_be32(p + 4), actual = len;
+        int32_t status = 0;
+        if (off + len > buflen || (!clamp && len > max_packet)) {
+            actual = 0;
+            status = overflow;
+        } else if (len > max_packet) {
+            actual = max_packet;
+        }
+        usbip_put_be32(p + 8, actual);
+        usbip_put_be32(p + 12, (uint32_t)status);
+        total += actual;
+    }
+    return total;
+}
+
+/* Each packet's first actual_length bytes of src copied to its offset in buf; -1 if one does not fit. */
+static inline int usbip_iso_fill(unsigned char *buf, uint64_t buflen, const unsigned char *src, uint64_t srclen,
+                                 const unsigned char *d, int n)
+{
+    for (int i = 0; i < n; i++) {
+        uint64_t off = USBIP_ISO_OFFSET(d, i), a = USBIP_ISO_ACTUAL(d, i);
+        if (a == 0)
+            continue;
+        if (off + a > buflen || a > srclen)
+            return -1;
+        memcpy(buf + off, src, a);
+    }
+    return 0;
+}
+
+/* Packets with status 0 whose actual_length bytes at their offset in buf are not the start of pat. */
+static inline int usbip_iso_mismatches(const unsigned char *buf, uint64_t buflen, const unsigned char *pat,
+                                       uint64_t patlen, const unsigned char *d, int n)
+{
+    int bad = 0;
+    for (int i = 0; i < n; i++) {
+        uint64_t off = USBIP_ISO_OFFSET(d, i), a = USBIP_ISO_ACTUAL(d, i);
+        if (USBIP_ISO_STATUS(d, i) != 0)
+            continue;
+        if (off + a > buflen || a > patlen || memcmp(buf + off, pat, a) != 0)
+            bad++;
+    }
+    return bad;
+}
+
+/* The sum of the actual lengths if the packets' data lie back to back from offset 0 (so the
+ * data of a RET_SUBMIT is the buffer's first bytes as they are), else -1. */
+static inline int64_t usbip_iso_contiguous(const unsigned char *d, int n)
+{
+    uint64_t pos = 0;
+    for (int i = 0; i < n; i++) {
+        uint64_t a = USBIP_ISO_ACTUAL(d, i);
+        if (a && USBIP_ISO_OFFSET(d, i) != pos)
+            return -1;
+        pos += a;
+    }
+    return (int64_t)pos;
+}
+
 #endif

@@ -34,6 +34,66 @@ def test_buffers_are_writable_and_clear(pool_impl) -> None:
     assert bytes(buf) == bytes(10)
 
 
+def test_clear_zeroes_whatever_a_view_wrote(pool_impl) -> None:
+    """clear() may skip its memset only while no view was taken since the buffer was zeroed
+    (the compiled pool's fast path): writes through a live view, or one since released, count."""
+    pool = pool_impl.BufferPool()
+    buf = pool.acquire(64)
+    buf.clear()  # fresh: zeros either way
+    assert bytes(buf) == bytes(64)
+    mv = memoryview(buf)
+    mv[:4] = b"abcd"
+    buf.clear()
+    assert bytes(buf) == bytes(64)
+    mv[10:12] = b"xy"  # the view outlived the clear: the next one must still zero
+    buf.clear()
+    assert bytes(buf) == bytes(64)
+    mv.release()
+    pool.release(buf)
+    again = pool.acquire(64)
+    with memoryview(again) as view:
+        view[:] = b"\xa5" * 64
+    again.clear()
+    assert bytes(again) == bytes(64)
+
+
+def test_reply_view_sends_the_first_bytes_and_keeps_the_buffer(pool_impl) -> None:
+    pool = pool_impl.BufferPool()
+    buf = pool.acquire(1000)
+    with memoryview(buf) as mv:
+        mv[:3] = b"abc"
+    view = pool.view(buf, 3)
+    assert bytes(view) == b"abc" and len(pool.view(buf, 1000)) == 1000
+    pool.release(buf)
+    assert pool.cached == 0  # the reply still holds it
+    del view
+    gc.collect()
+    again = pool.acquire(1000)  # the compiled pool takes it back once the reply is gone
+    assert bytes(again) == bytes(1000) and (again is buf) == (pool_impl.IMPLEMENTATION == "cython")
+    other = bytearray(b"xyz")
+    assert bytes(pool.view(other, 2)) == b"xy"  # not the pool's: a plain view
+
+
+def test_buffer_left_zero_is_not_written_by_its_reply(pool_impl) -> None:
+    """A buffer sent as it came (zeros) and released comes back zeroed; one written comes back zeroed too."""
+    pool = pool_impl.BufferPool()
+    buf = pool.acquire(4096)
+    buf.clear()
+    reply = pool.view(buf, 4096)
+    if pool_impl.IMPLEMENTATION == "cython":
+        assert reply.readonly
+    reply.release()
+    pool.release(buf)
+    again = pool.acquire(4096)
+    assert again is buf and bytes(again) == bytes(4096)
+    with memoryview(again) as mv:
+        mv[4000:] = b"\x01" * 96
+    pool.view(again, 4096).release()
+    pool.release(again)
+    third = pool.acquire(4096)
+    assert third is buf and bytes(third) == bytes(4096)
+
+
 def test_release_and_reuse(pool_impl) -> None:
     pool = pool_impl.BufferPool()
     a = pool.acquire(1000)

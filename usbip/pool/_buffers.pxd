@@ -9,6 +9,7 @@ cdef class PoolBuffer:
     cdef readonly Py_ssize_t capacity
     cdef int exports
     cdef bint released
+    cdef Py_ssize_t dirty  # bytes from the start that may be non-zero (a writable view was taken)
     cdef BufferPool pool
 
 
@@ -21,6 +22,7 @@ cdef class BufferPool:
     cdef readonly Py_ssize_t cached_bytes
 
     cpdef PoolBuffer acquire(self, Py_ssize_t size)
+    cpdef object view(self, object buf, Py_ssize_t n)
     cpdef release(self, PoolBuffer buf)
     cpdef abandon(self, PoolBuffer buf)
     cdef _recycle(self, PoolBuffer buf)

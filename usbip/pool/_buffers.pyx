@@ -7,6 +7,11 @@ A :class:`PoolBuffer` exposes ``len(buf)`` writable bytes to ``recv_into``,
 ``writelines``/``sendmsg`` and libusb transfers without copies. ``pool.release(buf)``
 returns it; the memory goes back to the pool only once no view of it is alive,
 so a payload still referenced by a pending send is never overwritten.
+
+Zeroing is skipped where the bytes are known to be zero: a buffer remembers how many of its
+leading bytes may have been written (``dirty``: every writable view taken counts its whole
+length; the read-only view of :meth:`BufferPool.view`, what a reply sends, does not), so a
+buffer a device left as it came (gadget zero's pattern 0) is not zeroed again.
 """
 
 from cpython.buffer cimport PyBuffer_FillInfo
@@ -25,6 +30,7 @@ cdef class PoolBuffer:  # attributes: _buffers.pxd
             raise MemoryError()
         self.capacity = capacity
         self.size = capacity
+        self.dirty = 0
 
     def __dealloc__(self):
         free(self.data)
@@ -32,6 +38,8 @@ cdef class PoolBuffer:  # attributes: _buffers.pxd
     def __getbuffer__(self, Py_buffer *view, int flags):
         PyBuffer_FillInfo(view, self, self.data, self.size, 0, flags)
         self.exports += 1
+        if self.dirty < self.size:
+            self.dirty = self.size  # whoever holds a view may write through it
 
     def __releasebuffer__(self, Py_buffer *view):
         self.exports -= 1
@@ -46,7 +54,29 @@ cdef class PoolBuffer:  # attributes: _buffers.pxd
         return not self.released
 
     def clear(self):
-        memset(self.data, 0, self.size)
+        """Zero the buffer (a memset of the bytes a view may have written since they were last zeroed)."""
+        if self.dirty:
+            memset(self.data, 0, self.dirty)
+            if self.exports == 0:  # a live view may still write
+                self.dirty = 0
+
+
+cdef class _ReplyView:
+    """A read-only window on the first ``n`` bytes of a PoolBuffer: held like a view of the buffer
+    (it is not reused while this lives) but not counted as a write (``dirty`` stays)."""
+
+    cdef PoolBuffer buf
+    cdef Py_ssize_t n
+
+    def __getbuffer__(self, Py_buffer *view, int flags):
+        PyBuffer_FillInfo(view, self, self.buf.data, self.n, 1, flags)  # BufferError if asked to write
+        self.buf.exports += 1
+
+    def __releasebuffer__(self, Py_buffer *view):
+        cdef PoolBuffer buf = self.buf
+        buf.exports -= 1
+        if buf.exports == 0 and buf.released and buf.pool is not None:
+            buf.pool._recycle(buf)
 
 
 cdef class BufferPool:
@@ -75,7 +105,9 @@ cdef class BufferPool:
         if free_list:
             buf = free_list.pop()
             self.cached_bytes -= cap
-            memset(buf.data, 0, size)
+            if buf.dirty:  # recycled only once no view was left: nothing writes into it now
+                memset(buf.data, 0, buf.dirty)
+                buf.dirty = 0
         else:
             buf = PoolBuffer(cap)
         buf.size = size
@@ -83,6 +115,18 @@ cdef class BufferPool:
         buf.pool = self
         self.outstanding += 1
         return buf
+
+    cpdef object view(self, object buf, Py_ssize_t n):
+        """The first ``n`` bytes of ``buf`` to send (``n`` <= its length): read-only for this
+        pool's buffers, so that sending them does not count as writing them."""
+        cdef _ReplyView rv
+        if type(buf) is PoolBuffer and (<PoolBuffer>buf).pool is self and 0 <= n <= (<PoolBuffer>buf).size:
+            rv = _ReplyView.__new__(_ReplyView)
+            rv.buf = <PoolBuffer>buf
+            rv.n = n
+            return memoryview(rv)
+        view = memoryview(buf)
+        return view if n == len(view) else view[:n]
 
     cpdef release(self, PoolBuffer buf):
         """Give ``buf`` back; reused once the last view of it is released."""

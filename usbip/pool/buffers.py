@@ -6,6 +6,8 @@ alive (a bytearray with exports refuses to resize, which is the test used here).
 
 from __future__ import annotations
 
+from typing import Any
+
 IMPLEMENTATION = "python"
 _MIN_CLASS = 512
 
@@ -55,6 +57,11 @@ class BufferPool:
         buf.pool = self
         self.outstanding += 1
         return buf
+
+    def view(self, buf: Any, n: int) -> memoryview:
+        """The first ``n`` bytes of ``buf`` to send (the compiled pool's are read-only)."""
+        view = memoryview(buf)
+        return view if n == len(view) else view[:n]
 
     def release(self, buf: object) -> None:
         if not isinstance(buf, PoolBuffer) or buf.released or buf.pool is not self:

@@ -11,6 +11,7 @@ from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
 # the numbers of constants.py (imported there), as C values
 cdef Py_ssize_t HEADER_SIZE, ISO_DESC_SIZE, DEFAULT_MAX_TRANSFER
 cdef int USBIP_MAX_ISO_PACKETS
+cdef int32_t EOVERFLOW
 cdef uint32_t USBIP_CMD_SUBMIT, USBIP_CMD_UNLINK, USBIP_RET_SUBMIT, USBIP_RET_UNLINK, USBIP_DIR_IN, USBIP_DIR_OUT
 
 
@@ -68,6 +69,13 @@ cdef class IsoPackets:
     cdef int _n
     cdef bytearray _raw
 
+    cpdef uint64_t set_results(self, int64_t buffer_length, int64_t max_packet, bint clamp=*) except? 0
+    cpdef fill(self, object buf, object src)
+    cpdef int mismatches(self, object buf, object pattern) except -1
+    @cython.locals(total=int64_t, view=object, out=bytearray)
+    cpdef object payload(self, object buf)
+    cpdef uint64_t total_length(self) except? 0
+    cpdef bytes to_bytes(self)
     cpdef uint64_t total_actual(self) except? 0
     cpdef int error_count(self) except -1
     cdef int _first_bad(self, uint64_t buffer_length) except -2
@@ -81,6 +89,8 @@ cdef class IsoPackets:
 
 cdef _iso_put(IsoPackets iso, Py_ssize_t i, uint32_t offset, uint32_t length, uint32_t actual_length,
               int32_t status)
+
+cdef uint32_t _iso_word(IsoPackets iso, Py_ssize_t i, Py_ssize_t k) noexcept
 
 @cython.locals(iso=IsoPackets)
 cdef IsoPackets _iso_of(bytearray raw)

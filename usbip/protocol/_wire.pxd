@@ -29,6 +29,14 @@ cdef extern from "usbip_wire.h":
     int64_t usbip_iso_gather(const unsigned char *src, uint64_t srclen, unsigned char *dst, uint64_t dstlen,
                              const unsigned char *d, int n)
     int usbip_iso_spread(unsigned char *buf, uint64_t buflen, uint64_t actual, const unsigned char *d, int n)
+    uint64_t usbip_iso_total_length(const unsigned char *d, int n)
+    uint64_t usbip_iso_set_results(unsigned char *d, int n, uint64_t buflen, uint32_t max_packet, int clamp,
+                                   int32_t overflow)
+    int usbip_iso_fill(unsigned char *buf, uint64_t buflen, const unsigned char *src, uint64_t srclen,
+                       const unsigned char *d, int n)
+    int usbip_iso_mismatches(const unsigned char *buf, uint64_t buflen, const unsigned char *pat, uint64_t patlen,
+                             const unsigned char *d, int n)
+    int64_t usbip_iso_contiguous(const unsigned char *d, int n)
 
 
 cdef inline unsigned char *ba_ptr(bytearray b):
@@ -133,6 +141,37 @@ cdef inline int64_t iso_gather(object src, object dst, const unsigned char *d, i
             PyBuffer_Release(&t)
     finally:
         PyBuffer_Release(&s)
+    return r
+
+
+cdef inline int iso_fill(object buf, object src, const unsigned char *d, int n) except -2:
+    """-1 if a packet does not fit the buffer or is longer than ``src``; 0 done."""
+    cdef Py_buffer b, s
+    cdef int r
+    PyObject_GetBuffer(buf, &b, PyBUF_WRITABLE)
+    try:
+        PyObject_GetBuffer(src, &s, PyBUF_SIMPLE)
+        try:
+            r = usbip_iso_fill(<unsigned char *>b.buf, b.len, <const unsigned char *>s.buf, s.len, d, n)
+        finally:
+            PyBuffer_Release(&s)
+    finally:
+        PyBuffer_Release(&b)
+    return r
+
+
+cdef inline int iso_mismatches(object buf, object pat, const unsigned char *d, int n) except -1:
+    cdef Py_buffer b, p
+    cdef int r
+    PyObject_GetBuffer(buf, &b, PyBUF_SIMPLE)
+    try:
+        PyObject_GetBuffer(pat, &p, PyBUF_SIMPLE)
+        try:
+            r = usbip_iso_mismatches(<const unsigned char *>b.buf, b.len, <const unsigned char *>p.buf, p.len, d, n)
+        finally:
+            PyBuffer_Release(&p)
+    finally:
+        PyBuffer_Release(&b)
     return r
 
 

@@ -27,6 +27,7 @@ except ImportError:  # Cython is only needed to build: plain Python sees compile
 
 from .constants import (
     DEFAULT_MAX_TRANSFER,
+    EOVERFLOW,
     HEADER_SIZE,
     ISO_DESC_SIZE,
     USBIP_CMD_SUBMIT,
@@ -50,6 +51,7 @@ _RET_SUBMIT = struct.Struct(">IIIIIiiiii8x")
 _CMD_UNLINK = struct.Struct(">IIIIII24x")
 _RET_UNLINK = struct.Struct(">IIIIIi24x")
 _ISO = struct.Struct(">IIIi")
+_ISO_WORD = struct.Struct(">I")
 _ZERO_SETUP = bytes(8)
 assert _CMD_SUBMIT.size == _RET_SUBMIT.size == _CMD_UNLINK.size == _RET_UNLINK.size == HEADER_SIZE
 assert _ISO.size == ISO_DESC_SIZE
@@ -364,6 +366,15 @@ def _iso_put(iso: IsoPackets, i: int, offset: int, length: int, actual_length: i
         _ISO.pack_into(iso._raw, i * ISO_DESC_SIZE, offset, length, actual_length, status)
 
 
+def _iso_word(iso: IsoPackets, i: int, k: int) -> int:
+    """Word ``k`` (offset, length, actual_length, status: unsigned) of packet ``i`` (in range: the caller checked)."""
+    if cython.compiled:
+        r: int = _wire.usbip_get_be32(_wire.ba_ptr(iso._raw) + i * ISO_DESC_SIZE + 4 * k)
+        return r
+    w: int = _ISO_WORD.unpack_from(iso._raw, i * ISO_DESC_SIZE + 4 * k)[0]
+    return w
+
+
 def _iso_of(raw: bytearray) -> IsoPackets:
     """IsoPackets around ``raw`` (whole descriptors, at most USBIP_MAX_ISO_PACKETS: checked by the caller)."""
     iso = IsoPackets.__new__(IsoPackets)
@@ -450,6 +461,8 @@ class IsoPackets:
             i += self._n
         if i < 0 or i >= self._n:
             raise IndexError("iso packet index out of range")
+        if cython.compiled:
+            return (_iso_word(self, i, 0), _iso_word(self, i, 1), _iso_word(self, i, 2), _s32(_iso_word(self, i, 3)))
         d = _ISO.unpack_from(self._raw, i * ISO_DESC_SIZE)
         return (d[0], d[1], d[2], d[3])
 
@@ -457,12 +470,104 @@ class IsoPackets:
         return list(_ISO.iter_unpack(self._raw))
 
     def set_result(self, i: int, actual_length: int, status: int = 0) -> None:
-        offset, length, _actual, _status = self[i]
         if i < 0:
             i += self._n
+        if i < 0 or i >= self._n:
+            raise IndexError("iso packet index out of range")
+        if cython.compiled:
+            offset, length = _iso_word(self, i, 0), _iso_word(self, i, 1)
+        else:
+            offset, length, _actual, _status = _ISO.unpack_from(self._raw, i * ISO_DESC_SIZE)
         if actual_length < 0 or actual_length > length:
             raise ValueError(f"iso packet {i}: actual_length {actual_length} outside 0..{length}")
         _iso_put(self, i, offset, length, actual_length, status)
+
+    def set_results(self, buffer_length: int, max_packet: int, clamp: bool = True) -> int:
+        """Every packet's result at once, as a device moving at most ``max_packet`` bytes a packet sets it.
+
+        A packet inside ``buffer_length`` gets status 0 and actual_length ``min(length, max_packet)``
+        (``clamp``; without it a packet longer than ``max_packet`` gets -EOVERFLOW and 0 bytes); a
+        packet outside the buffer gets -EOVERFLOW and 0 bytes. Returns the sum of the actual lengths
+        (the URB's actual_length); :meth:`error_count` counts the packets that failed.
+        """
+        if buffer_length < 0 or max_packet < 0:
+            raise ValueError("negative buffer length or max packet size")
+        if cython.compiled:
+            r: int = _wire.usbip_iso_set_results(
+                _wire.ba_ptr(self._raw), self._n, buffer_length, max_packet, clamp, EOVERFLOW
+            )
+            return r
+        total = 0
+        for i, (off, length, _actual, _status) in enumerate(_ISO.iter_unpack(self._raw)):
+            if off + length > buffer_length or (not clamp and length > max_packet):
+                _ISO.pack_into(self._raw, i * ISO_DESC_SIZE, off, length, 0, EOVERFLOW)
+                continue
+            actual = min(length, max_packet)
+            _ISO.pack_into(self._raw, i * ISO_DESC_SIZE, off, length, actual, 0)
+            total += actual
+        return total
+
+    def fill(self, buf: Any, src: bytes | bytearray | memoryview) -> None:
+        """Write ``src[:actual_length]`` at each packet's offset in ``buf`` (an IN device's data:
+        :meth:`set_results` first). Raises ValueError if a packet is outside ``buf`` or longer than ``src``."""
+        if cython.compiled:
+            if _wire.iso_fill(buf, src, _wire.ba_ptr(self._raw), self._n) < 0:
+                raise ValueError("iso packet outside the buffer or longer than the source")
+            return
+        dst = memoryview(buf).cast("B")
+        s = memoryview(src).cast("B")
+        for off, _length, actual, _status in _ISO.iter_unpack(self._raw):
+            if not actual:
+                continue
+            if off + actual > len(dst) or actual > len(s):
+                raise ValueError("iso packet outside the buffer or longer than the source")
+            dst[off : off + actual] = s[:actual]
+
+    def mismatches(self, buf: bytes | bytearray | memoryview, pattern: bytes | bytearray | memoryview) -> int:
+        """How many packets with status 0 hold at their offset in ``buf`` other than the first
+        actual_length bytes of ``pattern`` (an OUT device checking what it was sent)."""
+        if cython.compiled:
+            r: int = _wire.iso_mismatches(buf, pattern, _wire.ba_ptr(self._raw), self._n)
+            return r
+        data = memoryview(buf).cast("B")
+        pat = memoryview(pattern).cast("B")
+        bad = 0
+        for off, _length, actual, status in _ISO.iter_unpack(self._raw):
+            if status != 0:
+                continue
+            if off + actual > len(data) or actual > len(pat) or data[off : off + actual] != pat[:actual]:
+                bad += 1
+        return bad
+
+    def payload(self, buf: bytes | bytearray | memoryview) -> memoryview | bytearray:
+        """The IN data of a RET_SUBMIT: each packet's actual bytes back to back (stub_tx.c).
+
+        A view of ``buf``'s first bytes when the packets already lie that way (full packets
+        back to back, the usual case), else a copy gathered packet by packet."""
+        if cython.compiled:
+            total = _wire.usbip_iso_contiguous(_wire.ba_ptr(self._raw), self._n)
+        else:
+            total = 0
+            for off, _length, actual, _status in _ISO.iter_unpack(self._raw):
+                if actual and off != total:
+                    total = -1
+                    break
+                total += actual
+        if total >= 0:
+            view = memoryview(buf)
+            if total > len(view):
+                raise ValueError("iso packet outside the buffer")
+            return view if total == len(view) else view[:total]
+        out = bytearray(self.total_actual())
+        self.gather(buf, out)
+        return out
+
+    def total_length(self) -> int:
+        """Sum of the packets' lengths (what the device is asked to move)."""
+        if cython.compiled:
+            r: int = _wire.usbip_iso_total_length(_wire.ba_ptr(self._raw), self._n)
+            return r
+        return sum([d[1] for d in _ISO.iter_unpack(self._raw)])
 
     def total_actual(self) -> int:
         if cython.compiled:

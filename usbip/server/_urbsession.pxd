@@ -82,5 +82,6 @@ cdef class UrbSession:
     cpdef _completed_captured(self, _codec.Urb urb)
     @cython.locals(pending=dict, is_in=bint, setup=object, cpool=_CPool)
     cpdef _completed(self, _codec.Urb urb)
-    @cython.locals(actual=int32_t, hdr=bytearray, view=object, n=Py_ssize_t, total=int64_t, descs=bytearray, parts=list)
+    @cython.locals(actual=int32_t, hdr=bytearray, view=object, n=Py_ssize_t, total=int64_t, descs=bytes,
+                   iso=_codec.IsoPackets, cpool=_CPool)
     cdef _send_ret_submit(self, _codec.Urb urb, bint is_in)

@@ -354,7 +354,7 @@ class UrbSession:
             log.debug("seqnum %d: iso descriptors do not match endpoint type %d", seqnum, xfer)
             self._refuse(urb, EINVAL)
             return
-        if urb.iso is not None and sum(p[1] for p in urb.iso.tolist()) > tbl:
+        if urb.iso is not None and urb.iso.total_length() > tbl:
             # packets each inside the buffer but overlapping: their actual lengths could add up to
             # more than the buffer, a RET_SUBMIT no client accepts (found by fuzz_session)
             log.debug("seqnum %d: iso packets add up to more than the %d-byte buffer", seqnum, tbl)
@@ -497,9 +497,13 @@ class UrbSession:
                 actual = max(0, min(actual, urb.transfer_buffer_length))
             hdr = ret_submit_header(urb, actual, urb.number_of_packets, 0)
             if is_in and actual:
-                view = memoryview(urb.buffer)
-                if actual < len(view):
-                    view = view[:actual]  # a full buffer (the common case) goes as it is: no second view
+                cpool = self._cpool
+                if cpool is not None:  # read-only: sending the buffer is not writing it (no zeroing again)
+                    view = cpool.view(urb.buffer, actual)
+                else:
+                    view = memoryview(urb.buffer)
+                    if actual < len(view):
+                        view = view[:actual]  # a full buffer (the common case) goes as it is: no second view
                 self._send([hdr, view], HEADER_SIZE + actual)
             else:
                 self._send([hdr], HEADER_SIZE)
@@ -508,18 +512,14 @@ class UrbSession:
         n = len(iso)
         total = iso.total_actual()
         hdr = ret_submit_header(urb, total, n, iso.error_count())
-        descs = bytearray(n * ISO_DESC_SIZE)
-        iso.pack_into(descs, 0)
-        parts: list[Any] = [hdr]
+        descs = iso.to_bytes()
         if is_in and total:
-            view = memoryview(urb.buffer)
-            for off, _length, act, _status in iso.tolist():
-                if act:
-                    parts.append(view[off : off + act])
+            # the packets' data back to back: a view of the buffer when they already lie so (read-only
+            # from the compiled pool: sending is not writing)
+            buf = urb.buffer if self._cpool is None else self._cpool.view(urb.buffer, len(urb.buffer))
+            self._send([hdr, iso.payload(buf), descs], HEADER_SIZE + total + n * ISO_DESC_SIZE)
         else:
-            total = 0
-        parts.append(descs)
-        self._send(parts, HEADER_SIZE + total + len(descs))
+            self._send([hdr, descs], HEADER_SIZE + n * ISO_DESC_SIZE)
 
     # ------------------------------------------------------------ teardown
     async def shutdown(self, timeout: float = 5.0) -> None:

@@ -192,55 +192,37 @@ class LoopbackDevice(VirtualDevice):
         return check
 
     def _make_iso_source(self, max_packet: int):
-        src = _ZMV if self.pattern == 0 else memoryview(pattern_bytes(max_packet))
+        src = _ZMV[:max_packet] if self.pattern == 0 else memoryview(pattern_bytes(max_packet))[:max_packet]
+        zeroed = _ZEROED if self.pattern == 0 else ()  # as in _make_source
 
         def iso_source(urb: Urb) -> None:
+            # each packet gets min(length, max_packet) bytes of the pattern, counted from its start
             iso = urb.iso
             if iso is None:
                 urb.complete(EOVERFLOW, 0)
                 return
-            tbl = urb.transfer_buffer_length
-            total = errors = 0
-            with memoryview(urb.buffer) as mv:
-                for i in range(len(iso)):
-                    off, length = iso[i][:2]
-                    if off + length > tbl:
-                        iso.set_result(i, 0, EOVERFLOW)
-                        errors += 1
-                        continue
-                    k = min(length, max_packet)
-                    mv[off : off + k] = src[:k]
-                    iso.set_result(i, k, 0)
-                    total += k
-            urb.error_count = errors
+            total = iso.set_results(urb.transfer_buffer_length, max_packet)
+            buf = urb.buffer
+            if type(buf) not in zeroed:
+                iso.fill(buf, src)
+            urb.error_count = iso.error_count()
             urb.complete(0, total)
 
         return iso_source
 
     def _make_iso_sink(self, max_packet: int):
-        pat = pattern_bytes(max_packet) if self.pattern == 1 else None
+        pat = memoryview(pattern_bytes(max_packet))[:max_packet] if self.pattern == 1 else None
 
         def iso_sink(urb: Urb) -> None:
+            # a packet longer than max_packet or outside the buffer fails with -EOVERFLOW
             iso = urb.iso
             if iso is None:
                 urb.complete(EOVERFLOW, 0)
                 return
-            size = len(urb.buffer)
-            total = errors = 0
-            mv = memoryview(urb.buffer) if pat is not None else None
-            for i in range(len(iso)):
-                off, length = iso[i][:2]
-                if off + length > size or length > max_packet:
-                    iso.set_result(i, 0, EOVERFLOW)
-                    errors += 1
-                    continue
-                if mv is not None and not pat.startswith(mv[off : off + length]):  # type: ignore[union-attr]
-                    self.sink_errors += 1
-                iso.set_result(i, length, 0)
-                total += length
-            if mv is not None:
-                mv.release()
-            urb.error_count = errors
+            total = iso.set_results(len(urb.buffer), max_packet, clamp=False)
+            if pat is not None:
+                self.sink_errors += iso.mismatches(urb.buffer, pat)
+            urb.error_count = iso.error_count()
             urb.complete(0, total)
 
         return iso_sink
