@@ -21,13 +21,15 @@ exporters in one guest is the measurement. The table lands in the session summar
 ``.benchmarks/latest.json`` ("libusb_vs_kernel").
 
 Environment: USBIP_BENCH_SECONDS (default 3 here), USBIP_BENCH_ROUNDS (default 3),
-USBIP_BENCH_WARMUP (default 0.5). With ``--benchmark-disable`` (the smoke): one round of 0.8 s, two
-cases, the kernel's runs while our usbipd is still starting (not a measurement).
+USBIP_BENCH_WARMUP (default 0.5); USBIP_LIBUSB_NO_DEVMEM and USBIP_NO_EXTENSIONS, when set, reach
+our usbipd (A/B runs). With ``--benchmark-disable`` (the smoke): one round of 0.8 s, two cases,
+the kernel's runs while our usbipd is still starting (not a measurement).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import Any
 
@@ -39,6 +41,9 @@ from usbip.backends.state import BindState, make_rule
 
 from .harness import KERNEL, OURS, Case, CaseResult, build, env_float, env_int, lvk_doc
 
+#: passed on to our usbipd in the guest when set here (A/B runs: USBIP_LIBUSB_NO_DEVMEM=1 turns the
+#: usbfs regions for OUT data off)
+OURS_ENV = ("USBIP_LIBUSB_NO_DEVMEM", "USBIP_NO_EXTENSIONS")
 #: Debian's usbipd (kernel export) and ours listen on different ports: Debian's stays up all along
 KERNEL_PORT = 3240
 OUR_PORT = 3241
@@ -299,7 +304,8 @@ def _ours_start(guest: Guest, busid: str, state: str) -> tuple[int, str]:
     gadgets.unbind_interface_drivers(guest, busid)  # usbtest, if an earlier test loaded it
     return guest.start_background(
         f"exec {guest.python} -m usbip.cli.usbipd_main --host 127.0.0.1 -t {OUR_PORT} --state-file {state} "
-        "--libusb-events pollfd --rescan-interval 5 --no-announce"
+        "--libusb-events pollfd --rescan-interval 5 --no-announce",
+        env={k: os.environ[k] for k in OURS_ENV if k in os.environ},
     )
 
 

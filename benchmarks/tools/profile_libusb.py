@@ -60,7 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=6.0)
     ap.add_argument("--rate", type=int, default=97, help="py-spy samples per second")
     ap.add_argument("--out", default=".benchmarks/profile")
-    ap.add_argument("--native", action="store_true", help="py-spy --native (C frames too)")
+    ap.add_argument(
+        "--native",
+        action="store_true",
+        help="py-spy --native (C frames too; py-spy then stops usbipd for each sample: no --nonblocking)",
+    )
     ap.add_argument("cases", nargs="*", default=DEFAULT_CASES)
     args = ap.parse_args(argv)
     out = pathlib.Path(args.out)
@@ -95,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
             raw = g.guest_path(sdir / f"{name}.folded")
             spy = [args.py_spy, "record", "--pid", str(pid), "--duration", f"{args.seconds:g}"]
             spy += ["--rate", str(args.rate)]
-            spy += ["--format", "raw", "--output", raw, "--nonblocking"] + (["--native"] if args.native else [])
+            # py-spy refuses --native with --nonblocking ("Can't get native stack traces"): no samples at all
+            spy += ["--format", "raw", "--output", raw] + (["--native"] if args.native else ["--nonblocking"])
             script = (
                 f"{shlex.join(cmd)} > {g.guest_path(sdir / (name + '.json'))} 2>&1 & LG=$!; "
                 f"sleep {warm + 1.5:g}; {shlex.join(spy)} > /dev/null 2>&1; wait $LG; "

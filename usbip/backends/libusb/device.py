@@ -50,9 +50,10 @@ their kernel drivers reattached.
 Buffers: python-libusb1 wraps a *writable* buffer in place (``c_char * n``
 ``.from_buffer``), so bulk/interrupt/iso IN data lands straight in the pooled
 URB buffer, and OUT data given as a writable buffer is not copied either (a
-read-only ``bytes`` payload is copied once by python-libusb1). Control
-transfers always go through python-libusb1's own setup+data buffer (one small
-copy each way).
+read-only ``bytes`` payload is copied once by python-libusb1). Bulk/interrupt
+OUT data goes into the transfer's usbfs region instead when it has one
+(:mod:`.devmem`: usbfs then does not copy it again). Control transfers always go
+through a setup+data buffer of their own (one small copy each way).
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ from ...usb.device import Device, Urb
 from ..usbdev import UsbDevice, split_descriptors
 from ..worker import DaemonWorker
 from .control import RESET_REQUEST, Special, SpecialRequest, classify_control, control_refusal, interface_numbers
+from .devmem import DevMem, stage
 from .layout import ConfigLayout, Endpoint
 from .mapping import (
     EMSGSIZE,
@@ -115,6 +117,7 @@ from .transfers import (
     MAX_CONTROL_DATA,
     SETUP_BUFFER,
     TransferPool,
+    close_transfer,
     control_data,
     point_at,
     setup_control,
@@ -168,6 +171,7 @@ class LibusbDevice(Device):
         self._alts: dict[int, int] = {}  # interface -> current alt setting, where known
         self._pending: dict[int, Urb] = {}  # id(urb) -> urb with a libusb transfer in flight (or waiting)
         self._transfers: TransferPool | None = None  # transfers back from libusb, for reuse (per handle)
+        self._devmem: DevMem | None = None  # usbfs memory for OUT data (per handle)
         self._layout_cache: ConfigLayout | None = None
         self._ep_cache: dict[tuple[int, int], Endpoint] | None = None
         self.is_gone = False
@@ -266,6 +270,7 @@ class LibusbDevice(Device):
         try:
             self.handle, self._fd = open_handle(self.context, self.sysdev)
             self._transfers = TransferPool()
+            self._devmem = DevMem.for_handle(self.handle)
             await self._in_worker(self._open_sync)
         except BaseException:
             self._close_handle()
@@ -433,6 +438,9 @@ class LibusbDevice(Device):
         pool, self._transfers = self._transfers, None
         if pool is not None:
             pool.close()  # frees the kept transfers; any still in flight is closed as it comes back
+        devmem, self._devmem = self._devmem, None
+        if devmem is not None:
+            devmem.close()  # munmap before the handle goes (usbfs keeps what an URB in flight uses)
         if self.handle is not None:
             if not self.is_gone:
                 self._give_back_interfaces()
@@ -575,9 +583,12 @@ class LibusbDevice(Device):
                     transfer.close()
                 raise
         buf = urb.buffer
+        n = min(len(buf), urb.transfer_buffer_length)
         try:
-            # the URB's buffer in place when writable (IN data lands there, OUT data is not copied)
-            point_at(transfer, buf, min(len(buf), urb.transfer_buffer_length))
+            # OUT data into the transfer's usbfs region (usbfs does not copy it again), else the
+            # URB's buffer in place when writable (IN data lands there, OUT data is not copied here)
+            if is_in or not stage(transfer, self._devmem, buf, n):
+                point_at(transfer, buf, n)
             transfer.setUserData(urb)
         except BaseException:
             self._put_back(transfer)
@@ -598,8 +609,7 @@ class LibusbDevice(Device):
         pool = self._transfers
         key = getattr(transfer, "usbip_key", None)
         if pool is None or key is None:
-            with contextlib.suppress(Exception):
-                transfer.close()
+            close_transfer(transfer)
             return
         pool.put(key, transfer)
 

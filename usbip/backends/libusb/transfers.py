@@ -22,6 +22,8 @@ import ctypes
 import struct
 from typing import Any
 
+from .devmem import release as release_region
+
 #: transfers kept per key, and over all keys of one device
 PER_KEY = 64
 TOTAL = 256
@@ -128,6 +130,14 @@ def transfer_result(transfer: Any) -> tuple[int, int]:
     return c.status, c.actual_length
 
 
+def close_transfer(transfer: Any) -> None:
+    """Free a transfer (libusb_free_transfer through python-libusb1) and its usbfs region."""
+    with contextlib.suppress(Exception):
+        release_region(transfer)
+    with contextlib.suppress(Exception):
+        transfer.close()
+
+
 def unpin(transfer: Any) -> None:
     """Drop the transfer's references to the last URB and its buffer (never submitted meanwhile)."""
     transfer.setUserData(None)
@@ -169,8 +179,7 @@ class TransferPool:
                     free.append(transfer)
                     self.count += 1
                     return
-        with contextlib.suppress(Exception):
-            transfer.close()
+        close_transfer(transfer)
 
     def close(self) -> None:
         """Free every kept transfer (before the handle closes); later returns are closed at once."""
@@ -179,5 +188,4 @@ class TransferPool:
         self.count = 0
         for transfers in free.values():
             for t in transfers:
-                with contextlib.suppress(Exception):
-                    t.close()
+                close_transfer(t)
