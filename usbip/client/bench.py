@@ -23,6 +23,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ..timeouts import wait_for
+
 GET_DEVICE_DESCRIPTOR = bytes([0x80, 0x06, 0x00, 0x01, 0x00, 0x00, 0x12, 0x00])
 SIZES = (512, 16384, 65536)
 INFLIGHT = (1, 8, 32)
@@ -148,7 +150,7 @@ async def run_case(
     if state["outstanding"] == 0 and not finished.done():
         finished.set_result(None)
     try:
-        await asyncio.wait_for(asyncio.shield(finished), warmup + seconds + DRAIN_TIMEOUT)
+        await wait_for(asyncio.shield(finished), warmup + seconds + DRAIN_TIMEOUT)
     except asyncio.TimeoutError:
         state["errors"] += state["outstanding"]
     except Exception:

@@ -37,6 +37,7 @@ from ..protocol.records import (
     unpack_interfaces,
     unpack_op_header,
 )
+from ..timeouts import wait_for
 from .errors import BadReply, Disconnected, ImportRefused, Timeout, TlsFailed, UsbipError
 from .reconnect import ReconnectPolicy
 from .remote import RemoteDevice
@@ -54,7 +55,7 @@ async def open_socket(host: str, port: int = USBIP_PORT, timeout: float | None =
         sock = socket.socket(fam, stype, proto)
         sock.setblocking(False)
         try:
-            await asyncio.wait_for(loop.sock_connect(sock, addr), timeout)
+            await wait_for(loop.sock_connect(sock, addr), timeout)
         except (OSError, asyncio.TimeoutError) as exc:
             sock.close()
             last = exc if isinstance(exc, OSError) else Timeout(f"connect to {host}:{port} timed out")

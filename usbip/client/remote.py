@@ -26,6 +26,7 @@ from ..protocol import (
     pack_cmd_unlink,
 )
 from ..protocol.constants import DEFAULT_MAX_TRANSFER, ECONNRESET, URB_ISO_ASAP
+from ..timeouts import wait_for
 from ..usb.ch9 import DT_CONFIG, DT_DEVICE
 from ..usb.descriptors import endpoints, parse_device_descriptor, urb_interval
 from .errors import BadReply, Disconnected, Overloaded, Timeout, UsbipError, transfer_error
@@ -101,7 +102,7 @@ class PendingUrb:
 
     async def wait(self, timeout: float | None = None) -> UrbResult:
         try:
-            return await asyncio.wait_for(asyncio.shield(self.future), timeout)
+            return await wait_for(asyncio.shield(self.future), timeout)
         except asyncio.TimeoutError:
             if not self.future.done():
                 await self.device._unlink(self)
@@ -455,7 +456,7 @@ class RemoteDevice:
         if not urb.unlinked:
             self._send_unlink(urb)
         try:
-            await asyncio.wait_for(asyncio.shield(urb.future), UNLINK_TIMEOUT)
+            await wait_for(asyncio.shield(urb.future), UNLINK_TIMEOUT)
         except (asyncio.TimeoutError, asyncio.CancelledError):
             log.warning("%s: no answer to the unlink of seqnum %d", self.busid, urb.seqnum)
         except Exception:  # the URB's own error; the caller reports the cancellation
@@ -599,7 +600,7 @@ class RemoteDevice:
         """Wait (at most ``timeout`` seconds) until the device is back; False when it is not, or is closed."""
         if not self.closed and self._away:
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._back.wait(), timeout)
+                await wait_for(self._back.wait(), timeout)
         return self.connected
 
     def _went_away(self) -> None:

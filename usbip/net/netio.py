@@ -7,6 +7,7 @@ import math
 import socket
 
 from ..errors import CyusbipError
+from ..timeouts import wait_for
 
 
 class PeerClosed(CyusbipError, ConnectionError):
@@ -28,13 +29,13 @@ async def recv_exactly(sock: socket.socket, n: int, timeout: float | None = 30.0
                 raise PeerClosed(f"connection closed after {got} of {n} bytes")
             got += r
 
-    await asyncio.wait_for(_read(), timeout)
+    await wait_for(_read(), timeout)
     return bytes(buf)
 
 
 async def send_all(sock: socket.socket, data: bytes, timeout: float | None = 30.0) -> None:
     loop = asyncio.get_running_loop()
-    await asyncio.wait_for(loop.sock_sendall(sock, data), timeout)
+    await wait_for(loop.sock_sendall(sock, data), timeout)
 
 
 def set_nodelay(sock: socket.socket) -> None:

@@ -16,6 +16,7 @@ import ssl
 from typing import Any
 
 from ..errors import CyusbipError
+from ..timeouts import wait_for
 from .netio import PeerClosed
 
 RECV_SIZE = 256 * 1024
@@ -178,11 +179,11 @@ class TlsChannel:
             await self._flush()
 
         try:
-            await asyncio.wait_for(run(), timeout)
+            await wait_for(run(), timeout)
         except ssl.SSLError as exc:
             # tell the peer why (the alert is in outgoing), then fail
             try:
-                await asyncio.wait_for(self._flush(), 1.0)
+                await wait_for(self._flush(), 1.0)
             except (OSError, asyncio.TimeoutError):
                 pass
             raise TlsError(f"TLS handshake failed: {describe_error(exc)}") from exc
@@ -213,12 +214,12 @@ class TlsChannel:
                     raise PeerClosed(f"connection closed after {len(buf)} of {n} bytes")
                 buf.extend(chunk)
 
-        await asyncio.wait_for(run(), timeout)
+        await wait_for(run(), timeout)
         return bytes(buf)
 
     async def send_all(self, data: bytes, timeout: float | None = 30.0) -> None:
         self.tls.write(data)
-        await asyncio.wait_for(self._flush(), timeout)
+        await wait_for(self._flush(), timeout)
 
 
 __all__ = ["TlsChannel", "TlsError", "client_context", "describe_error", "peer_names", "server_context"]

@@ -11,6 +11,8 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
+from ..timeouts import wait_for
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -131,7 +133,7 @@ class LoopThread:
         async def shutdown() -> None:
             if cleanup is not None:
                 try:
-                    await asyncio.wait_for(cleanup, timeout)
+                    await wait_for(cleanup, timeout)
                 except Exception as exc:  # closing: report, never raise
                     log.warning("closing the USB/IP backend: %s", str(exc) or type(exc).__name__)
             tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
@@ -140,7 +142,7 @@ class LoopThread:
             if tasks:
                 await asyncio.wait(tasks, timeout=2.0)
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.loop.shutdown_asyncgens(), 2.0)
+                await wait_for(self.loop.shutdown_asyncgens(), 2.0)
 
         if not self.thread.is_alive() or self.loop.is_closed():
             if cleanup is not None:

@@ -31,6 +31,7 @@ from ..client.errors import Disconnected, UsbipError
 from ..client.remote import UNLINK_TIMEOUT, PendingUrb, RemoteDevice, UrbResult
 from ..protocol.constants import USBIP_PORT
 from ..protocol.records import DeviceRecord
+from ..timeouts import wait_for
 from ._descriptors import (
     ConfigDesc,
     Descriptor,
@@ -287,7 +288,7 @@ def _shutdown(state: _State, loop: LoopThread, servers: list[_Server]) -> None:
     async def cleanup() -> None:
         for imp in imports:
             try:
-                await asyncio.wait_for(imp.remote.close(), CLOSE_TIMEOUT)
+                await wait_for(imp.remote.close(), CLOSE_TIMEOUT)
             except Exception as exc:
                 log.debug("%s: close: %s", imp.dev.busid, exc)
         for srv in servers:

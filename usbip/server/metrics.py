@@ -20,6 +20,8 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from ..timeouts import wait_for
+
 if TYPE_CHECKING:
     from ..net.stream import Stream
     from .server import Server
@@ -216,7 +218,7 @@ class MetricsEndpoint:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT)
+            head = await wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT)
             method, path, *_ = [*head.split(b"\r\n", 1)[0].decode("latin-1").split(" "), "", ""]
             path = path.split("?", 1)[0]
             if method != "GET":
@@ -235,7 +237,7 @@ class MetricsEndpoint:
                 "Connection: close\r\n\r\n".encode()
                 + body
             )
-            await asyncio.wait_for(writer.drain(), REQUEST_TIMEOUT)
+            await wait_for(writer.drain(), REQUEST_TIMEOUT)
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError, OSError, ValueError):
             pass
         finally:

@@ -62,6 +62,7 @@ from ..protocol.constants import (
     URB_SHORT_NOT_OK,
     URB_ZERO_PACKET,
 )
+from ..timeouts import wait_for
 from ..usb.ch9 import (
     DIR_IN,
     PORT_FEAT_RESET,
@@ -538,7 +539,7 @@ class UrbSession:
         if self.pending:
             self._idle = asyncio.Event()
             try:
-                await asyncio.wait_for(self._idle.wait(), timeout)
+                await wait_for(self._idle.wait(), timeout)
             except asyncio.TimeoutError:
                 log.error("device %s left %d URBs pending after %.1fs", self.device.busid, len(self.pending), timeout)
                 for urb in list(self.pending.values()):

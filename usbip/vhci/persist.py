@@ -38,6 +38,7 @@ from ..client import Connection, ReconnectPolicy
 from ..client.connection import Channel
 from ..client.reconnect import Backoff
 from ..protocol import DeviceRecord
+from ..timeouts import wait_for
 from . import relay
 from .driver import VDEV_ST_ERROR, VhciDriver, VhciError
 from .supervisors import LOCK_TIMEOUT, _set_name, log_path
@@ -138,7 +139,7 @@ class Supervisor:
         """Wait ``seconds``; True when asked to stop meanwhile."""
         assert self._stop is not None
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._stop.wait(), seconds)
+            await wait_for(self._stop.wait(), seconds)
         return self._stop.is_set()
 
     async def _watch(self) -> str | None:

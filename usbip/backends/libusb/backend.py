@@ -36,6 +36,7 @@ import logging
 import time
 from typing import Any
 
+from ...timeouts import wait_for
 from ..discovery import make_scanner
 from ..state import BindState
 from ..sysfs import SYSFS_USB
@@ -120,7 +121,7 @@ class LibusbBackend:
         assert self._wake is not None
         while True:
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+                await wait_for(self._wake.wait(), self.poll_interval)
             self._wake.clear()
             started = time.monotonic()
             try:
@@ -152,7 +153,7 @@ class LibusbBackend:
         if self._scan_future is None or self._scan_future.done():
             loop = asyncio.get_running_loop()
             self._scan_future = loop.run_in_executor(self._scan_executor, self.bound_devices)
-        return await asyncio.wait_for(asyncio.shield(self._scan_future), self.scan_timeout)
+        return await wait_for(asyncio.shield(self._scan_future), self.scan_timeout)
 
     async def close(self) -> None:
         if self._task is not None:

@@ -82,6 +82,7 @@ from ...protocol.constants import (
     XFER_INT,
     XFER_ISOC,
 )
+from ...timeouts import wait_for
 from ...usb.ch9 import (
     DIR_IN,
     RECIP_ENDPOINT,
@@ -347,7 +348,7 @@ class LibusbDevice(Device):
             # a SET_CONFIGURATION / SET_INTERFACE / reset still runs: cancelling transfers now would
             # wait in usbfs for the device lock that call holds (in the loop thread)
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.shield(self._busy), max(0.0, deadline - loop.time()))
+                await wait_for(asyncio.shield(self._busy), max(0.0, deadline - loop.time()))
             await asyncio.sleep(0)
         if self.handle is not None and not self._worker_idle():
             self._close_handle()  # closes once the worker is done with the handle
@@ -356,7 +357,7 @@ class LibusbDevice(Device):
         if self.handle is not None and not self.is_gone:
             # interface release / driver re-attach sleep in the kernel: not in the loop thread
             try:
-                await asyncio.wait_for(self._in_worker(self._give_back_interfaces), CLOSE_TIMEOUT)
+                await wait_for(self._in_worker(self._give_back_interfaces), CLOSE_TIMEOUT)
             except Exception as exc:
                 log.warning("%s: giving the interfaces back failed: %r", self.busid, exc)
         self._close_handle()
@@ -388,7 +389,7 @@ class LibusbDevice(Device):
         # _finish sets it when the last one comes back (no polling: a TCG guest felt every wake-up)
         self._drained = drained = asyncio.Event()
         try:
-            await asyncio.wait_for(drained.wait(), DRAIN_TIMEOUT)
+            await wait_for(drained.wait(), DRAIN_TIMEOUT)
         except asyncio.TimeoutError:
             pass
         finally:
