@@ -41,7 +41,7 @@ async def _cancel_as_it_finishes(bounded) -> str:
     if not task.done():
         task.cancel()  # the stdlib's lost it every time: stop the poller for good
         with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.wait_for(task, 1)  # noqa: TID251
+            await asyncio.wait_for(task, 1)
         return "lost"
     return "cancelled" if task.cancelled() else "lost"
 

@@ -244,6 +244,24 @@ def _loopback_only(host: str | None) -> bool:
         return host == "localhost"
 
 
+def stop_on_signal(stop: asyncio.Event, exit_now: Callable[[int], object] = os._exit) -> Callable[[int], None]:
+    """The SIGTERM/SIGINT handler: the first signal shuts down cleanly (connections closed,
+    devices released, libusb handles given back, which may take a device's CLOSE_TIMEOUT);
+    a second one while that is still going on exits at once (a second Ctrl-C, a service
+    manager's or an admin's repeated SIGTERM)."""
+
+    def on_signal(sig: int) -> None:
+        if not stop.is_set():
+            stop.set()
+            return
+        log.warning("%s again while shutting down: exiting now", signal.Signals(sig).name)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        exit_now(exitcodes.FAILURE)
+
+    return on_signal
+
+
 async def _run(args: argparse.Namespace) -> int:
     try:
         capture = capture_from_args(args, "usbipd")
@@ -265,8 +283,9 @@ async def _run_server(args: argparse.Namespace, capture: CaptureFile | None) -> 
     # from the start: a SIGTERM while starting up ends the server cleanly once it is up
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    on_signal = stop_on_signal(stop)
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     devices = []
     try:
         limits = limits_from_args(args)
