@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import faulthandler
 import ipaddress
 import logging
@@ -256,7 +257,8 @@ def stop_on_signal(stop: asyncio.Event, exit_now: Callable[[int], object] = os._
             return
         log.warning("%s again while shutting down: exiting now", signal.Signals(sig).name)
         for handler in logging.getLogger().handlers:
-            handler.flush()
+            with contextlib.suppress(Exception):  # a closed stream: the exit matters more
+                handler.flush()
         exit_now(exitcodes.FAILURE)
 
     return on_signal

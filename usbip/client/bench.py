@@ -23,7 +23,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ..timeouts import wait_for
+from ..cancelsafe import wait_for
 
 GET_DEVICE_DESCRIPTOR = bytes([0x80, 0x06, 0x00, 0x01, 0x00, 0x00, 0x12, 0x00])
 SIZES = (512, 16384, 65536)

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING
 
+from ..cancelsafe import wait_for
 from ..net.netio import DEAD_PEER_TIMEOUT, PlainChannel, apply_dead_peer_timeout, set_nodelay
 from ..net.tls import TlsChannel, TlsError
 from ..protocol import ProtocolError
@@ -37,7 +38,6 @@ from ..protocol.records import (
     unpack_interfaces,
     unpack_op_header,
 )
-from ..timeouts import wait_for
 from .errors import BadReply, Disconnected, ImportRefused, Timeout, TlsFailed, UsbipError
 from .reconnect import ReconnectPolicy
 from .remote import RemoteDevice

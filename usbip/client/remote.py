@@ -11,6 +11,7 @@ import struct
 from collections.abc import Awaitable, Callable, Generator, Sequence
 from typing import TYPE_CHECKING, Any
 
+from ..cancelsafe import cancel_and_wait, wait_for
 from ..net.stream import Stream, TlsSession
 from ..protocol import (
     HEADER_SIZE,
@@ -26,7 +27,6 @@ from ..protocol import (
     pack_cmd_unlink,
 )
 from ..protocol.constants import DEFAULT_MAX_TRANSFER, ECONNRESET, URB_ISO_ASAP
-from ..timeouts import wait_for
 from ..usb.ch9 import DT_CONFIG, DT_DEVICE
 from ..usb.descriptors import endpoints, parse_device_descriptor, urb_interval
 from .errors import BadReply, Disconnected, Overloaded, Timeout, UsbipError, transfer_error
@@ -190,9 +190,7 @@ class RemoteDevice:
         self._closing = True
         task = self._reconnect_task
         if task is not None and not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
         self._stream.close(None)
         self.closed = True  # also when the connection was down already
         self._fail_parked(Disconnected(f"{self.busid}: closed while away"))

@@ -21,6 +21,8 @@ import socket
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from ..cancelsafe import cancel_and_wait
+
 log = logging.getLogger(__name__)
 
 SERVICE_TYPE = "_usbip._tcp.local."
@@ -169,9 +171,7 @@ class Announcer:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
             self._task = None
         if self._zc is not None:
             with contextlib.suppress(Exception):

@@ -6,8 +6,8 @@ import asyncio
 import math
 import socket
 
+from ..cancelsafe import wait_for
 from ..errors import CyusbipError
-from ..timeouts import wait_for
 
 
 class PeerClosed(CyusbipError, ConnectionError):

@@ -15,8 +15,8 @@ import socket
 import ssl
 from typing import Any
 
+from ..cancelsafe import wait_for
 from ..errors import CyusbipError
-from ..timeouts import wait_for
 from .netio import PeerClosed
 
 RECV_SIZE = 256 * 1024

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-from ..timeouts import wait_for
+from ..cancelsafe import wait_for
 
 log = logging.getLogger(__name__)
 

@@ -26,12 +26,12 @@ from typing import Any, TypeVar
 import usb.backend
 import usb.core
 
+from ..cancelsafe import wait_for
 from ..client.connection import Connection
 from ..client.errors import Disconnected, UsbipError
 from ..client.remote import UNLINK_TIMEOUT, PendingUrb, RemoteDevice, UrbResult
 from ..protocol.constants import USBIP_PORT
 from ..protocol.records import DeviceRecord
-from ..timeouts import wait_for
 from ._descriptors import (
     ConfigDesc,
     Descriptor,

@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from ..timeouts import wait_for
+from ..cancelsafe import wait_for
 
 if TYPE_CHECKING:
     from ..net.stream import Stream

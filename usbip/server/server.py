@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import errno
 import logging
@@ -14,6 +13,7 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+from ..cancelsafe import cancel_and_wait
 from ..net.netio import PeerClosed, PlainChannel, apply_dead_peer_timeout, set_nodelay
 from ..net.stream import Stream
 from ..net.tls import TlsChannel, TlsError
@@ -186,8 +186,7 @@ class Server:
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         for t in self._accept_tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+            await cancel_and_wait(t)
         self._accept_tasks.clear()
         for dev in self.registry.devices():
             try:

@@ -41,6 +41,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from ..cancelsafe import wait_for
 from ..pool import BufferPool
 from ..protocol import (
     HEADER_SIZE,
@@ -62,7 +63,6 @@ from ..protocol.constants import (
     URB_SHORT_NOT_OK,
     URB_ZERO_PACKET,
 )
-from ..timeouts import wait_for
 from ..usb.ch9 import (
     DIR_IN,
     PORT_FEAT_RESET,

@@ -34,11 +34,11 @@ import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from ..cancelsafe import wait_for
 from ..client import Connection, ReconnectPolicy
 from ..client.connection import Channel
 from ..client.reconnect import Backoff
 from ..protocol import DeviceRecord
-from ..timeouts import wait_for
 from . import relay
 from .driver import VDEV_ST_ERROR, VhciDriver, VhciError
 from .supervisors import LOCK_TIMEOUT, _set_name, log_path

@@ -36,7 +36,7 @@ import logging
 import time
 from typing import Any
 
-from ...timeouts import wait_for
+from ...cancelsafe import cancel_and_wait, wait_for
 from ..discovery import make_scanner
 from ..state import BindState
 from ..sysfs import SYSFS_USB
@@ -157,9 +157,7 @@ class LibusbBackend:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
             self._task = None
         if self._hook_installed:
             with contextlib.suppress(ValueError):

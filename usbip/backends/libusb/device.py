@@ -67,6 +67,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+from ...cancelsafe import wait_for
 from ...protocol.constants import (
     ECONNRESET,
     EINVAL,
@@ -82,7 +83,6 @@ from ...protocol.constants import (
     XFER_INT,
     XFER_ISOC,
 )
-from ...timeouts import wait_for
 from ...usb.ch9 import (
     DIR_IN,
     RECIP_ENDPOINT,

@@ -1,4 +1,4 @@
-"""usbip.timeouts.wait_for: bounded awaits that never lose a cancellation (CPython gh-86296)."""
+"""usbip.cancelsafe: awaits that never lose a cancellation (CPython gh-86296 and the suppress idiom)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from usbip.timeouts import wait_for
+from usbip.cancelsafe import cancel_and_wait, wait_for
 
 STDLIB_LOSES_IT = pytest.mark.xfail(
     sys.version_info < (3, 12), strict=True, reason="gh-86296: 3.10/3.11's wait_for returns the result instead"
@@ -105,5 +105,64 @@ def test_libusb_backend_close_ends_a_poller_woken_as_it_is_cancelled(tmp_path):
             await asyncio.wait([closing], timeout=5)
         assert not hung, "backend.close() still waiting for its rescan poller"
         assert poller is not None and poller.done()
+
+    asyncio.run(body())
+
+
+async def _suppress_idiom(task: asyncio.Task) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+@pytest.mark.parametrize(
+    "stop",
+    [cancel_and_wait, pytest.param(_suppress_idiom, marks=pytest.mark.xfail(strict=True))],
+    ids=["ours", "suppress"],
+)
+def test_cancel_and_wait_keeps_the_callers_cancellation(stop):
+    """A closer cancelled while its helper task is still winding down is cancelled itself."""
+
+    async def body() -> str:
+        async def helper() -> None:
+            try:
+                await asyncio.sleep(10)
+            finally:
+                await asyncio.sleep(0.05)  # winding down takes a while
+
+        task = asyncio.create_task(helper())
+        await asyncio.sleep(0)
+
+        async def close() -> str:
+            await stop(task)
+            return "went on"
+
+        closer = asyncio.create_task(close())
+        await asyncio.sleep(0.01)
+        closer.cancel()
+        done, _ = await asyncio.wait([closer], timeout=5)
+        assert done
+        await asyncio.wait([task], timeout=5)  # told to stop either way: it ends
+        assert task.cancelled()
+        return "cancelled" if closer.cancelled() else closer.result()
+
+    assert asyncio.run(body()) == "cancelled"
+
+
+def test_cancel_and_wait_raises_what_the_task_raised():
+    async def body():
+        async def helper():
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                raise RuntimeError("cleanup failed") from None
+
+        task = asyncio.create_task(helper())
+        await asyncio.sleep(0)
+        with pytest.raises(RuntimeError, match="cleanup failed"):
+            await cancel_and_wait(task)
+        done = asyncio.create_task(asyncio.sleep(0))
+        await done
+        await cancel_and_wait(done)  # already finished: nothing to do, nothing raised
 
     asyncio.run(body())

@@ -1,4 +1,4 @@
-"""``wait_for``: a bounded await that never swallows a cancellation.
+"""Awaits that never lose a cancellation: ``wait_for`` (bounded) and ``cancel_and_wait``.
 
 Python 3.10 and 3.11's ``asyncio.wait_for`` loses the caller's cancellation when the awaited
 thing finishes in the same loop iteration as the ``cancel()``: it returns the result instead
@@ -7,6 +7,10 @@ of raising ``CancelledError`` (CPython gh-86296, fixed in 3.12 by re-implementin
 shutdown when a device released by the closing server woke the libusb backend's rescan
 poller just as ``backend.close()`` cancelled it. Every bounded await in the package goes
 through here (ruff's banned-api rule keeps it so).
+
+``with suppress(CancelledError): await task`` after ``task.cancel()``, the usual way to stop a
+helper task, swallows the *caller's* cancellation as well when it arrives during that await;
+``cancel_and_wait`` does not.
 """
 
 from __future__ import annotations
@@ -14,11 +18,22 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import Awaitable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-__all__ = ["wait_for"]
+__all__ = ["cancel_and_wait", "wait_for"]
+
+
+async def cancel_and_wait(task: asyncio.Future[Any]) -> None:
+    """Cancel ``task`` and wait until it has ended. Raises what the task raised other than its
+    cancellation, and ``CancelledError`` if the caller is cancelled meanwhile (the task has been
+    told to stop already)."""
+    task.cancel()
+    await asyncio.wait([task])
+    if not task.cancelled() and task.exception() is not None:
+        raise task.exception()  # type: ignore[misc]
+
 
 if sys.version_info >= (3, 12):
     wait_for = asyncio.wait_for  # noqa: TID251  (fixed in 3.12)
