@@ -34,7 +34,7 @@ import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from ..cancelsafe import wait_for
+from ..cancelsafe import cancel_and_wait, wait_for
 from ..client import Connection, ReconnectPolicy
 from ..client.connection import Channel
 from ..client.reconnect import Backoff
@@ -174,9 +174,8 @@ class Supervisor:
             stopper.cancel()
         if task.done():
             return task.result()
-        task.cancel()
-        with contextlib.suppress(BaseException):
-            await task
+        with contextlib.suppress(Exception):  # whatever the abandoned import ended with
+            await cancel_and_wait(task)
         return None
 
     async def _reattach(self) -> str | None:
