@@ -25,6 +25,9 @@ Everything is stdlib only.  Environment overrides:
 * ``USBIP_KERNEL_BOOT_TIMEOUT``   (seconds, default 180)
 * ``USBIP_KERNEL_MEMORY``         (MiB, default 1536)
 * ``USBIP_KERNEL_SMP``            (default 2)
+* ``USBIP_GUEST_CMD_LOG``         (off by default) a host file to which every ``Guest.run``
+  appends ``seconds<TAB>test<TAB>command`` (the guest's duration of the command, pytest's
+  current test id or ``-``, the command on one line): where a kernel test's time goes
 """
 
 from __future__ import annotations
@@ -127,6 +130,15 @@ true
 
 
 _counter = itertools.count(1)
+_CMD_LOG = os.environ.get("USBIP_GUEST_CMD_LOG", "")
+
+
+def _log_command(seconds: float, cmd: str) -> None:
+    """One line per guest command in ``$USBIP_GUEST_CMD_LOG`` (see the module docstring)."""
+    test = os.environ.get("PYTEST_CURRENT_TEST", "-").split(" ")[0]
+    line = " ".join(cmd.split())[:400]
+    with open(_CMD_LOG, "a") as fh:
+        fh.write(f"{seconds:.2f}\t{test}\t{line}\n")
 
 
 def _free_port() -> int:
@@ -522,6 +534,8 @@ class Guest:
             timeout=timeout + 30 + 5 * (self.smp == 1),
         )
         raw = base64.b64decode(resp["out"])
+        if _CMD_LOG:
+            _log_command(resp.get("duration", 0.0), cmd)
         result = Result(
             rc=resp["rc"],
             out=raw.decode(errors="replace"),

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..capture.file import DEFAULT_MAX_MB, CaptureFile
+if TYPE_CHECKING:
+    from ..capture.file import CaptureFile
+
+#: usbip.capture.file.DEFAULT_MAX_MB (tests/unit check they agree): the capture package itself is
+#: imported only when a capture is asked for, not by every start of the tools (usbip port, ...)
+DEFAULT_MAX_MB = 100.0
 
 
 def add_capture_options(p: argparse.ArgumentParser | Any, what: str = "every URB") -> None:
@@ -38,6 +43,8 @@ def capture_from_args(args: argparse.Namespace, description: str = "") -> Captur
         return None
     if args.capture_max_mb < 0:
         raise ValueError(f"--capture-max-mb {args.capture_max_mb:g}: must not be negative")
+    from ..capture.file import CaptureFile
+
     try:
         return CaptureFile(
             args.capture,

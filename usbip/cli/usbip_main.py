@@ -13,7 +13,7 @@ from ..protocol.constants import USBIP_PORT
 from . import exitcodes, sdnotify
 from .capture import add_capture_options
 from .logs import setup_logging
-from .version import version_string
+from .parsing import ArgumentParser, VersionAction
 
 if TYPE_CHECKING:
     import ssl
@@ -60,12 +60,12 @@ def tls_from_args(args: argparse.Namespace) -> ssl.SSLContext | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="usbip", description="USB/IP client and device binding tool (cyusbip).")
+    p = ArgumentParser(prog="usbip", description="USB/IP client and device binding tool (cyusbip).")
     p.add_argument("-d", "--debug", action="store_true", help="print debugging information")
     p.add_argument("-l", "--log", action="store_true", help="log to syslog as well (accepted for compatibility)")
     p.add_argument("-t", "--tcp-port", type=int, default=USBIP_PORT, metavar="PORT", help="TCP port (default 3240)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--version", action="version", version=version_string("usbip"))
+    p.add_argument("--version", action=VersionAction)
     add_tls_options(p)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -364,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return exitcodes.USAGE
     if args.command == "version":
+        from .version import version_string
+
         print(version_string("usbip"))
         return exitcodes.OK
     try:

@@ -27,7 +27,7 @@ from ..server.limits import MiB, ServerLimits
 from . import config, exitcodes, sdnotify
 from .capture import add_capture_options, capture_from_args
 from .logs import setup_logging
-from .version import version_string
+from .parsing import ArgumentParser, VersionAction
 
 if TYPE_CHECKING:
     from ..server import Server
@@ -38,7 +38,7 @@ DEFAULT_PID_FILE = "/var/run/usbipd.pid"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="usbipd",
         description="USB/IP server: exports USB devices (virtual ones, and host devices bound with `usbip bind`).",
     )
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-t", "--tcp-port", type=int, default=USBIP_PORT, metavar="PORT", help="TCP port (default 3240)")
     p.add_argument("--host", default=None, help="listen address (default: all addresses)")
     p.add_argument("-d", "--debug", action="store_true", help="print debugging information")
-    p.add_argument("-v", "--version", action="version", version=version_string("usbipd"))
+    p.add_argument("-v", "--version", action=VersionAction)
     p.add_argument(
         "--config",
         metavar="FILE",

@@ -27,12 +27,14 @@ import os
 import selectors
 import signal
 import socket
-import ssl
 import traceback
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ..net.tls import TlsChannel
+
+# ssl is imported by the relay's methods (a TLS import has it loaded already): `usbip port`,
+# `detach` and a plain `attach` import this module without needing it
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,8 @@ class Relay:
 
     def _decrypt(self) -> bool:
         """Move every plaintext byte TLS holds towards vhci; False when the server closed."""
+        import ssl
+
         while True:
             try:
                 data = self.tls.read(CHUNK)
@@ -77,6 +81,8 @@ class Relay:
 
     def run(self) -> str:
         """Pump until one side ends; returns why."""
+        import ssl
+
         self.local.setblocking(False)
         self.remote.setblocking(False)
         sel = selectors.DefaultSelector()
@@ -108,6 +114,8 @@ class Relay:
             sel.close()
 
     def _ready(self, sock: socket.socket, events: int) -> str | None:
+        import ssl
+
         try:
             if sock is self.remote and events & selectors.EVENT_READ:
                 data = self.remote.recv(CHUNK)
