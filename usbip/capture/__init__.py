@@ -31,29 +31,33 @@ FILE.2, ... and FILE.(N-1) is removed, each file a complete pcapng of its own.
 
 from __future__ import annotations
 
-from .file import CaptureFile
-from .format import (
-    EV_COMPLETE,
-    EV_ERROR,
-    EV_SUBMIT,
-    FLAG_IN,
-    FLAG_NONE,
-    FLAG_OUT,
-    LINKTYPE_USB_LINUX_MMAPPED,
-    MON_BULK,
-    MON_CONTROL,
-    MON_INT,
-    MON_ISO,
-    file_header,
-    interface_description,
-    iso_descriptors,
-    iso_info,
-    packet_block,
-    read_records,
-    section_header,
-    usbmon_header,
-)
-from .taps import ClientCapture, UrbCapture
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .file import CaptureFile
+    from .format import (
+        EV_COMPLETE,
+        EV_ERROR,
+        EV_SUBMIT,
+        FLAG_IN,
+        FLAG_NONE,
+        FLAG_OUT,
+        LINKTYPE_USB_LINUX_MMAPPED,
+        MON_BULK,
+        MON_CONTROL,
+        MON_INT,
+        MON_ISO,
+        file_header,
+        interface_description,
+        iso_descriptors,
+        iso_info,
+        packet_block,
+        read_records,
+        section_header,
+        usbmon_header,
+    )
+    from .taps import ClientCapture, UrbCapture
 
 __all__ = [
     "EV_COMPLETE",
@@ -79,3 +83,19 @@ __all__ = [
     "section_header",
     "usbmon_header",
 ]
+
+#: where each name lives: loaded on first use, so that importing a light module of the package
+#: (``defaults``, for the command-line options) does not load the capture machinery
+_HOME = {
+    "CaptureFile": "file",
+    "ClientCapture": "taps",
+    "UrbCapture": "taps",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in __all__:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_HOME.get(name, 'format')}", __name__), name)
+    globals()[name] = value
+    return value

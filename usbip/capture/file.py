@@ -11,6 +11,7 @@ import threading
 import time
 from typing import Any
 
+from .defaults import DEFAULT_MAX_MB
 from .format import (
     DEFAULT_SNAPLEN,
     EPB_HEAD,
@@ -26,7 +27,6 @@ from .taps import ClientCapture, UrbCapture
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_MB = 100.0
 DEFAULT_MAX_BUFFER = 16 * 1024 * 1024
 CHUNK = 256 * 1024  # records are packed into buffers of this size; a full one wakes the writer
 FLUSH_INTERVAL = 0.5  # seconds: the writer wakes this often anyway

@@ -5,12 +5,10 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
+from ..capture.defaults import DEFAULT_MAX_MB  # the capture file itself: only when one is asked for
+
 if TYPE_CHECKING:
     from ..capture.file import CaptureFile
-
-#: usbip.capture.file.DEFAULT_MAX_MB (tests/unit check they agree): the capture package itself is
-#: imported only when a capture is asked for, not by every start of the tools (usbip port, ...)
-DEFAULT_MAX_MB = 100.0
 
 
 def add_capture_options(p: argparse.ArgumentParser | Any, what: str = "every URB") -> None:
