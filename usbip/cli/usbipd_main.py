@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 
 from ..backends.discovery import resolve as resolve_enumeration
 from ..backends.sources import MODES
-from ..capture import CaptureFile
 from ..net.tls import server_context
 from ..protocol.constants import USBIP_PORT
 from ..server.access import AccessPolicy
@@ -30,6 +29,7 @@ from .logs import setup_logging
 from .parsing import ArgumentParser, VersionAction
 
 if TYPE_CHECKING:
+    from ..capture import CaptureFile
     from ..server import Server
     from ..server.metrics import MetricsEndpoint
 

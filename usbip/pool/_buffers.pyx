@@ -23,6 +23,14 @@ IMPLEMENTATION = "cython"
 DEF MIN_CLASS = 512
 
 
+cdef inline _unexport(PoolBuffer buf):
+    """A view of ``buf`` (its own, or a reply view's) is released: back to its pool once it is
+    released and no view is left."""
+    buf.exports -= 1
+    if buf.exports == 0 and buf.released and buf.pool is not None:
+        buf.pool._recycle(buf)
+
+
 cdef class PoolBuffer:  # attributes: _buffers.pxd
     def __cinit__(self, Py_ssize_t capacity):
         self.data = <char *>calloc(capacity if capacity > 0 else 1, 1)
@@ -42,9 +50,7 @@ cdef class PoolBuffer:  # attributes: _buffers.pxd
             self.dirty = self.size  # whoever holds a view may write through it
 
     def __releasebuffer__(self, Py_buffer *view):
-        self.exports -= 1
-        if self.exports == 0 and self.released and self.pool is not None:
-            self.pool._recycle(self)
+        _unexport(self)
 
     def __len__(self):
         return self.size
@@ -73,10 +79,7 @@ cdef class _ReplyView:
         self.buf.exports += 1
 
     def __releasebuffer__(self, Py_buffer *view):
-        cdef PoolBuffer buf = self.buf
-        buf.exports -= 1
-        if buf.exports == 0 and buf.released and buf.pool is not None:
-            buf.pool._recycle(buf)
+        _unexport(self.buf)
 
 
 cdef class BufferPool:
